@@ -1,0 +1,7 @@
+"""sdmprune.kernels: Triton kernels, each file one op (kernel + launcher + autograd.Function +
+the module/function users import), with a plain-PyTorch reference of the same math beside it.
+
+On a machine without a GPU every op runs through its PyTorch reference unless TRITON_INTERPRET=1
+asks for the Triton interpreter (tests do).
+"""
+from .utils import triton_available, use_triton  # noqa: F401

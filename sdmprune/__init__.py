@@ -1,0 +1,52 @@
+"""sdmprune: SDMPrune (self-distillation MLP pruning) for LLaMA-family models.
+
+The pipeline reads top-down: ``data`` -> ``models`` (family adapters) -> ``importance`` (engines)
+-> ``plan`` (ratio -> width) -> ``slicing`` -> ``save`` -> ``evaluate`` -> ``recover``, with ``cli``
+on top. Triton kernels live in ``sdmprune.kernels``; the compiled gather ops in ``sdmprune.ops``.
+
+Public names are imported lazily so that ``import sdmprune`` stays cheap.
+"""
+from importlib import import_module
+
+import torch  # noqa: F401  (loads libtorch/libc10 before the extension sdmprune._C can be imported)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # importance engine (drop-in)
+    "TaylorImportance": "sdmprune.importance",
+    # pipeline
+    "PruneConfig": "sdmprune.pipeline",
+    "PruneResult": "sdmprune.pipeline",
+    "prune_model": "sdmprune.pipeline",
+    # model adapters
+    "find_gated_mlps": "sdmprune.models",
+    "GatedMLP": "sdmprune.models",
+    "UnsupportedModelError": "sdmprune.models",
+    # planning
+    "width_for_ratio": "sdmprune.plan",
+    # slicing and saving
+    "prune_mlp_": "sdmprune.slicing",
+    "prune_model_": "sdmprune.slicing",
+    "save_pruned": "sdmprune.save",
+    # evaluation
+    "evaluate_perplexity": "sdmprune.evaluate",
+    # recovery
+    "FinetuneConfig": "sdmprune.recover",
+    "finetune": "sdmprune.recover",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdmprune' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random LLaMA-family models (CPU, float32) and seeding."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64, width: int = 160,
+                vocab: int = 300, heads: int = 4, kv_heads: int = 2, tie: bool = False, act: str = "silu"):
+    """A tiny random config of a LLaMA-family model (DESIGN: tests use tiny random configs)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        hidden_size=hidden, intermediate_size=width, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=256, tie_word_embeddings=tie, hidden_act=act,
+    )
+    if family == "qwen2":
+        kwargs["use_sliding_window"] = False
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
+    """A tiny random model in eval mode (no dropout), deterministic from ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), torch_dtype=dtype)
+    return model.eval()
+
+
+@pytest.fixture
+def seed_all():
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
