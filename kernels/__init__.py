@@ -5,3 +5,6 @@ On a machine without a GPU every op runs through its PyTorch reference unless TR
 asks for the Triton interpreter (tests do).
 """
 from .utils import triton_available, use_triton  # noqa: F401
+from .taylor_importance import accumulate_taylor_scores_  # noqa: F401
+from .gated_mlp import gated_mlp_with_importance  # noqa: F401
+from .fused_linear_distill_loss import FusedLinearDistillLoss, fused_linear_distill_loss  # noqa: F401

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     # importance engine (drop-in)
     "TaylorImportance": "sdmprune.importance",
+    "NaiveTaylorImportance": "sdmprune.importance",
     # pipeline
     "PruneConfig": "sdmprune.pipeline",
     "PruneResult": "sdmprune.pipeline",

@@ -1,0 +1,326 @@
+"""Calibration and evaluation data.
+
+A source (``--calib`` / ``--ppl`` / ``--eval-ppl``) is one of:
+
+- ``c4``, ``wikitext2``: Hugging Face datasets (need network; offline they fail with one clear error);
+  any other ``owner/name`` is tried as a hub dataset with a ``text`` column;
+- a local ``.txt`` file (one long text), ``.jsonl`` / ``.parquet`` file (documents, ``text`` field),
+  or a directory of such files (each ``.txt`` file one document);
+- a ``.pt`` file of token ids ``[n, L]`` (exact reproducibility: used as is);
+- ``self``: sequences sampled from the unpruned model itself, starting from BOS, seeded (data-free,
+  always works offline).
+
+Calibration windows follow the paper: documents longer than L tokens, one random window of each
+(seeded); a single long text (or too few long documents) gives random windows of the text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from .errors import InputError
+
+HUB_DATASETS = {
+    # name -> (load_dataset args, kwargs per split, text field)
+    "c4": (("allenai/c4",), {
+        "train": dict(data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"),
+        "test": dict(data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"),
+    }, "text"),
+    "wikitext2": (("Salesforce/wikitext", "wikitext-2-raw-v1"), {
+        "train": dict(split="train"), "test": dict(split="test"),
+    }, "text"),
+}
+ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext2-raw": "wikitext2"}
+TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
+DOC_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class SourceSpec:
+    """A validated data source. ``kind``: self | tokens | text | docs | dir | hub."""
+
+    raw: str
+    kind: str
+    path: Optional[str] = None
+    hub_name: Optional[str] = None
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.kind == "self":
+            return "self: sequences sampled from the unpruned model (BOS start, seeded)"
+        if self.kind == "hub":
+            return f"hub dataset {self.hub_name}"
+        return f"{self.kind} {self.path}"
+
+
+def _network_ok(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") == "1" or os.environ.get("HF_DATASETS_OFFLINE", "0") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_source(src: str, what: str = "data") -> SourceSpec:
+    """Validate ``src`` without reading it fully (cheap: run before loading the model)."""
+    if src is None or str(src).strip() == "":
+        raise InputError(f"empty {what} source")
+    src = str(src)
+    if src == "self":
+        return SourceSpec(src, "self")
+    path = os.path.expanduser(src)
+    if os.path.isdir(path):
+        files = _dir_files(path)
+        if not files:
+            raise InputError(f"{what} directory {src!r} has no .txt/.jsonl/.parquet files")
+        return SourceSpec(src, "dir", path=path)
+    if os.path.isfile(path):
+        low = path.lower()
+        if low.endswith(".pt"):
+            return SourceSpec(src, "tokens", path=path)
+        if low.endswith(DOC_SUFFIXES):
+            return SourceSpec(src, "docs", path=path)
+        return SourceSpec(src, "text", path=path)
+    looks_like_path = src.startswith((".", "/", "~")) or os.sep in src and not _looks_like_hub_id(src) \
+        or src.lower().endswith((".pt",) + TEXT_SUFFIXES + DOC_SUFFIXES)
+    if looks_like_path:
+        raise InputError(f"{what} file {src!r} does not exist")
+    name = ALIASES.get(src.lower(), src.lower())
+    known = name in HUB_DATASETS
+    if not _network_ok():
+        if known:
+            raise InputError(f"{what} source {src!r} is a Hugging Face dataset and there is no network; "
+                             "use a local file (.txt/.jsonl/.parquet/.pt) or 'self'")
+        raise InputError(f"unknown {what} source {src!r}: not a local file, not 'self', and without network "
+                         "it cannot be fetched as a Hugging Face dataset (known: c4, wikitext2)")
+    return SourceSpec(src, "hub", hub_name=name if known else src)
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    parts = src.split("/")
+    return len(parts) == 2 and all(parts) and not src.startswith((".", "/", "~"))
+
+
+def _dir_files(path: str) -> List[str]:
+    out = []
+    for root, _, names in os.walk(path):
+        for n in sorted(names):
+            if n.lower().endswith(TEXT_SUFFIXES + DOC_SUFFIXES):
+                out.append(os.path.join(root, n))
+    return sorted(out)
+
+
+def _read_docs_file(path: str) -> List[str]:
+    low = path.lower()
+    if low.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        col = "text" if "text" in table.column_names else None
+        if col is None:
+            raise InputError(f"{path}: no 'text' column (columns: {table.column_names})")
+        return [t for t in table.column(col).to_pylist() if t]
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        if low.endswith(".json") and not low.endswith(".jsonl"):
+            data = json.load(fh)
+            rows = data if isinstance(data, list) else [data]
+        else:
+            rows = (json.loads(line) for line in fh if line.strip())
+        for row in rows:
+            text = row if isinstance(row, str) else row.get("text")
+            if text is None and isinstance(row, dict):
+                text = next((v for v in row.values() if isinstance(v, str)), None)
+            if text:
+                docs.append(text)
+    return docs
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def load_documents(spec: SourceSpec, split: str = "train") -> Tuple[List[str], bool]:
+    """(texts, is_documents): one long text (False) or a list of documents (True)."""
+    if spec.kind == "text":
+        return [_read_text(spec.path)], False
+    if spec.kind == "docs":
+        return _read_docs_file(spec.path), True
+    if spec.kind == "dir":
+        docs = []
+        for f in _dir_files(spec.path):
+            docs.extend([_read_text(f)] if f.lower().endswith(TEXT_SUFFIXES) else _read_docs_file(f))
+        return docs, True
+    if spec.kind == "hub":
+        return _load_hub(spec, split)
+    raise ValueError(spec.kind)
+
+
+def _load_hub(spec: SourceSpec, split: str):
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:  # pragma: no cover
+        raise InputError("the 'datasets' package is needed for hub datasets: pip install datasets") from exc
+    try:
+        if spec.hub_name in HUB_DATASETS:
+            args, per_split, col = HUB_DATASETS[spec.hub_name]
+            ds = load_dataset(*args, **per_split["test" if split == "test" else "train"])
+        else:
+            ds = load_dataset(spec.hub_name, split=split if split == "train" else "test")
+            col = "text"
+    except Exception as exc:  # network, missing split, ... -> one clear line
+        raise InputError(f"could not load dataset {spec.raw!r} from the Hugging Face hub: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    texts = ds[col]
+    if spec.hub_name == "wikitext2":  # the usual protocol: the split is one text joined by blank lines
+        return ["\n\n".join(texts)], False
+    return [t for t in texts if t], True
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    if tokenizer is None:
+        raise InputError("this data source is text and the model has no tokenizer; use a .pt token file or 'self'")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(src, tokenizer, n: int, seq_len: int, seed: int = 0, model=None,
+                        batch_size: int = 8) -> Tuple[torch.Tensor, dict]:
+    """``n`` calibration windows of ``seq_len`` tokens ([n, seq_len] int64) and a description dict."""
+    spec = src if isinstance(src, SourceSpec) else resolve_source(src, "calibration")
+    if n < 1 or seq_len < 2:
+        raise InputError(f"need at least 1 sample of at least 2 tokens (got {n} x {seq_len})")
+    desc = {"source": spec.raw, "kind": spec.kind, "samples": n, "seq_len": seq_len, "seed": seed}
+    if spec.kind == "self":
+        if model is None:
+            raise InputError("calibration source 'self' needs the model")
+        toks = sample_from_model(model, tokenizer, n, seq_len, seed=seed, batch_size=batch_size)
+        desc["mode"] = "sampled from the unpruned model (multinomial, T=1, BOS start)"
+        return toks, desc
+    if spec.kind == "tokens":
+        toks = load_token_file(spec.path)
+        if toks.dim() != 2:
+            raise InputError(f"{spec.raw}: calibration token file must hold a [n, L] tensor, got {tuple(toks.shape)}")
+        if toks.shape[0] < n or toks.shape[1] < seq_len:
+            raise InputError(f"{spec.raw} holds {toks.shape[0]} x {toks.shape[1]} tokens; "
+                             f"{n} samples x {seq_len} tokens were asked")
+        desc["mode"] = "token file, first n rows / seq_len columns"
+        return toks[:n, :seq_len].contiguous(), desc
+    texts, is_docs = load_documents(spec, "train")
+    g = torch.Generator().manual_seed(seed)
+    if is_docs:
+        order = torch.randperm(len(texts), generator=g).tolist()
+        windows = []
+        for i in order:
+            ids = _tokenize(tokenizer, texts[i])
+            if ids.numel() > seq_len:
+                start = int(torch.randint(0, ids.numel() - seq_len, (1,), generator=g))
+                windows.append(ids[start:start + seq_len])
+                if len(windows) == n:
+                    break
+        if len(windows) == n:
+            desc["mode"] = f"documents longer than {seq_len} tokens, one random window each (seeded)"
+            return torch.stack(windows), desc
+        # too few long documents: fall back to random windows of their concatenation
+        texts = ["\n\n".join(texts)]
+        desc["mode_note"] = f"only {len(windows)} documents longer than {seq_len} tokens; using the concatenation"
+    ids = _tokenize(tokenizer, texts[0])
+    if ids.numel() < seq_len:
+        raise InputError(f"calibration text {spec.raw!r} has {ids.numel()} tokens, shorter than one "
+                         f"window of {seq_len}")
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
+    desc["mode"] = "random windows of one long text (seeded)"
+    desc["text_tokens"] = int(ids.numel())
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()]), desc
+
+
+def eval_token_stream(src, tokenizer, model=None, max_tokens: Optional[int] = None,
+                      seed: int = 1234, seq_len: int = 2048) -> Tuple[torch.Tensor, dict]:
+    """A 1-D token stream for perplexity (the test split / the file joined) and a description dict.
+
+    For ``self`` the text is sampled from the model with ``seed`` (held out: the calibration seed
+    differs), as ``max_tokens // seq_len`` sequences of ``seq_len`` (``max_tokens`` required).
+    """
+    spec = src if isinstance(src, SourceSpec) else resolve_source(src, "evaluation")
+    desc = {"source": spec.raw, "kind": spec.kind}
+    if spec.kind == "self":
+        if model is None or not max_tokens:
+            raise InputError("evaluation on 'self' needs the model and a token budget")
+        n = max(1, max_tokens // seq_len)
+        toks = sample_from_model(model, tokenizer, n, seq_len, seed=seed)
+        desc["mode"] = f"held-out text sampled from the unpruned model (seed {seed})"
+        return toks.reshape(-1), desc
+    if spec.kind == "tokens":
+        toks = load_token_file(spec.path).reshape(-1)
+    else:
+        texts, is_docs = load_documents(spec, "test")
+        toks = _tokenize(tokenizer, "\n\n".join(texts))
+    if max_tokens:
+        toks = toks[:max_tokens]
+        desc["max_tokens"] = int(max_tokens)
+    return toks, desc
+
+
+def load_token_file(path: str) -> torch.Tensor:
+    """A tensor of token ids saved with torch.save (int64)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: not a torch tensor file ({type(exc).__name__})") from exc
+    if isinstance(obj, dict) and "input_ids" in obj:
+        obj = obj["input_ids"]
+    if not torch.is_tensor(obj) or obj.is_floating_point() or obj.is_complex():
+        raise InputError(f"{path}: expected an integer tensor of token ids")
+    return obj.long()
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0, batch_size: int = 8,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """``n`` sequences of ``seq_len`` tokens sampled from ``model`` ([n, seq_len] int64, on CPU).
+
+    Each starts with the BOS token (tokenizer's, else the config's, else EOS) and continues by plain
+    multinomial sampling at ``temperature`` with a KV cache; a torch.Generator seeded with ``seed``
+    makes it reproducible without touching the global RNG.
+    """
+    bos = None
+    for obj, attr in ((tokenizer, "bos_token_id"), (model.config, "bos_token_id"),
+                      (tokenizer, "eos_token_id"), (model.config, "eos_token_id")):
+        val = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        if val is not None:
+            bos = int(val)
+            break
+    if bos is None:
+        raise InputError("cannot sample 'self' data: the model has no BOS/EOS token id")
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            seq = torch.full((b, 1), bos, dtype=torch.long, device=device)
+            past = None
+            cur = seq
+            for _ in range(seq_len - 1):
+                res = model(input_ids=cur, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                logits = res.logits[:, -1].float().cpu() / temperature
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).to(device)
+                seq = torch.cat([seq, nxt], 1)
+                cur = nxt
+            out.append(seq.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

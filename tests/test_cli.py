@@ -1,0 +1,135 @@
+"""`sdmprune prune` / `sdmprune eval` on tiny local models: outputs, reload, and bad input (exit 2, nothing written)."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sdmprune.cli import main
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 12
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("llama", seed=11)
+    model.config.bos_token_id = 256
+    model.save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(
+        root / "gpt2")
+    (root / "calib.txt").write_text(TEXT)
+    (root / "short.txt").write_text("far too short")
+    return root
+
+
+def run_cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_prune_saves_a_plain_hf_model(files, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out, scores = tmp_path / "pruned", tmp_path / "scores.safetensors"
+    code, cap = run_cli(["prune", files / "tiny", "--out", out, "--ratio", 0.2, "--calib", files / "calib.txt",
+                         "--samples", 3, "--seq-len", 16, "--engine", "torch", "--batch-size", 2,
+                         "--save-scores", scores, "--eval-ppl", files / "calib.txt", "--eval-seq-len", 16,
+                         "--eval-windows", 2, "--no-progress", "--stage1-keep", 0.9], capsys)
+    assert code == 0, cap.err
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    report = json.loads((out / "sdmprune.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no sdmprune code
+    from sdmprune.models import count_parameters
+
+    assert count_parameters(reloaded) == report["params_after"] == summary["params_after"]
+    assert reloaded.config.intermediate_size == report["width"] == 160 - round(0.2 * 124736 / 384)
+    assert report["method"] == "sdmprune" and report["calibration"]["samples"] == 3
+    assert report["config"]["alpha"] == 0.4 and report["config"]["stage1_keep"] == 0.9
+    assert set(report["kept_indices"]) == {"0", "1"} and len(report["kept_indices"]["0"]) == report["width"]
+    assert report["eval"]["before"]["windows"] == 2 and report["eval"]["after"]["perplexity"] > 1
+    assert "torch" in report["versions"] and "total" in report["stats"]["time_s"]
+    tensors = load_file(str(scores))
+    assert tensors["keep.0"].tolist() == report["kept_indices"]["0"]
+    assert tensors["stage1.keep.1"].numel() == int(0.9 * 160) and tensors["scores.1"].dtype == torch.float32
+    assert not os.path.exists(str(out) + ".sdmprune-work")
+    # the tokenizer travels with the model, and `sdmprune eval` reads the result
+    code, cap = run_cli(["eval", out, "--ppl", files / "calib.txt", "--seq-len", 16, "--max-windows", 2,
+                         "--json", tmp_path / "ev.json"], capsys)
+    assert code == 0, cap.err
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["perplexity"]["perplexity"] == pytest.approx(report["eval"]["after"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["taylor", "wanda-sp", "magnitude"])
+def test_prune_self_calibration(files, tmp_path, capsys, method):
+    out = tmp_path / "o"
+    code, cap = run_cli(["prune", files / "tiny", "--out", out, "--width", 96, "--method", method,
+                         "--samples", 2, "--seq-len", 8, "--no-progress", "--round-to", 32], capsys)
+    assert code == 0, cap.err
+    report = json.loads((out / "sdmprune.json").read_text())
+    assert report["width"] == 96 and report["plan"]["rounding"]["width_after"] == 96
+    if method != "magnitude":
+        assert report["calibration"]["kind"] == "self"
+
+
+BAD = {
+    "missing model": (["prune", "{root}/nope", "--out", "{out}", "--ratio", "0.2"], "does not exist"),
+    "no gated mlp": (["prune", "{root}/gpt2", "--out", "{out}", "--ratio", "0.2"], "gated MLP"),
+    "ratio too big": (["prune", "{root}/tiny", "--out", "{out}", "--ratio", "0.6"], "outside"),
+    "ratio > 1": (["prune", "{root}/tiny", "--out", "{out}", "--ratio", "1.5"], "outside"),
+    "ratio zero": (["prune", "{root}/tiny", "--out", "{out}", "--ratio", "0"], "outside"),
+    "width zero": (["prune", "{root}/tiny", "--out", "{out}", "--width", "0"], "width"),
+    "width too big": (["prune", "{root}/tiny", "--out", "{out}", "--width", "161"], "outside"),
+    "short text": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib", "{root}/short.txt",
+                    "--samples", "2", "--seq-len", "64"], "shorter than one window"),
+    "missing calib": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib",
+                       "{root}/missing.jsonl"], "does not exist"),
+    "unknown dataset offline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib",
+                                 "no-such-dataset"], "unknown calibration source"),
+    "c4 offline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib", "c4"], "no network"),
+    "eval tasks without lm-eval": (["eval", "{root}/tiny", "--tasks", "arc_easy"], "pip install sdmprune[eval]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exit_2_nothing_written(files, tmp_path, capsys, monkeypatch, case):
+    if case == "eval tasks without lm-eval" and importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv, message = BAD[case]
+    out = tmp_path / "out"
+    argv = [a.format(root=files, out=out) for a in argv] + ["--no-progress"] * (argv[0] == "prune")
+    code, cap = run_cli(argv, capsys)
+    assert code == 2
+    errors = [line for line in cap.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and cap.err.strip().endswith(errors[0]), cap.err
+    assert not out.exists() and not os.path.exists(str(out) + ".sdmprune-work")
+
+
+def test_existing_output_needs_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, cap = run_cli(["prune", files / "tiny", "--out", out, "--width", 100, "--method", "random"], capsys)
+    assert code == 2 and "--overwrite" in cap.err and (out / "keep.txt").read_text() == "x"

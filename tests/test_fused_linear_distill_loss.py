@@ -1,0 +1,298 @@
+"""fused_linear_distill_loss against a float64 materialized-logits implementation written here.
+
+Backends: "triton" (the Triton row kernel; on CPU only under TRITON_INTERPRET=1) and "torch" (the
+chunked PyTorch reference, the package's CPU path). Devices: cpu, and cuda when present.
+Tolerances (error normalized by the reference's max magnitude, |a - b|.max() / |b|.max()):
+  float32 inputs: loss 1e-5, grads 1e-4 (float32 statistics vs float64)
+  bf16 inputs:    loss 1e-3 (float32 logits from the same bf16 values), grads 2e-2 (dz and the
+                  returned gradients are rounded to bf16 on GPU: ~2^-8 relative)
+"""
+import importlib
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdmprune.kernels.fused_linear_distill_loss import (
+    FusedLinearDistillLoss,
+    fused_linear_distill_loss,
+    plan_chunks,
+    reference_linear_distill_loss,
+)
+from sdmprune.kernels.utils import interpreter_enabled, triton_available
+
+# The package re-exports the function under the module's name: take the module from sys.modules.
+mod = importlib.import_module("sdmprune.kernels.fused_linear_distill_loss")
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-3, 2e-2)}
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+
+def _triton_ok(device):
+    return triton_available() and (device == "cuda" or interpreter_enabled())
+
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    # dz scratch is NaN before the kernel writes it: any column it misses shows up in the grads.
+    assert hasattr(mod, "POISON_SCRATCH")
+    monkeypatch.setattr(mod, "POISON_SCRATCH", True)
+
+
+def ref64(h_s, w, labels, h_t=None, w_t=None, alpha=0.5, T=1.0, ignore_index=-100, kl_mask=None):
+    """Materialized float64 logits; the teacher path is detached (it never gets gradients)."""
+    zs = h_s.double() @ w.double().t()
+    valid = labels != ignore_index
+    n_ce = int(valid.sum())
+    ce = F.cross_entropy(zs[valid], labels[valid], reduction="sum") / n_ce if n_ce else zs.sum() * 0
+    if h_t is None:
+        return ce, ce.detach(), torch.zeros((), dtype=torch.float64)
+    wt = (w if w_t is None else w_t).detach()
+    logp = torch.log_softmax(h_t.detach().double() @ wt.double().t() / T, dim=1)
+    logq = torch.log_softmax(zs, dim=1)
+    kl_rows = (logp.exp() * (logp - logq)).sum(1)
+    m = torch.ones_like(valid) if kl_mask is None else kl_mask
+    n_kl = int(m.sum())
+    kl = kl_rows[m].sum() / n_kl if n_kl else zs.sum() * 0
+    return (1 - alpha) * ce + alpha * kl, ce.detach(), kl.detach()
+
+
+def _nerr(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def _inputs(N, V, d, dtype, device, seed, ignored=0, separate_teacher_w=False, teacher=True,
+            kl_mask=False, w_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    # Logit scale ~3-4 so that softmaxes are neither uniform nor one-hot.
+    h_s = torch.randn(N, d, generator=g) / math.sqrt(d) * 4
+    w = torch.randn(V, d, generator=g)
+    h_t = h_s + 0.5 * torch.randn(N, d, generator=g) if teacher else None
+    w_t = w + 0.2 * torch.randn(V, d, generator=g) if separate_teacher_w else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    if ignored:
+        labels[torch.randperm(N, generator=g)[:ignored]] = -100
+    m = (torch.rand(N, generator=g) < 0.6) if kl_mask else None
+
+    def dev(t, grad=False):
+        if t is None:
+            return None
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return t.requires_grad_(grad) if t.is_floating_point() else t
+
+    return dict(h_s=dev(h_s, True), w=dev(w, w_grad), labels=dev(labels), h_t=dev(h_t),
+                w_t=dev(w_t), kl_mask=None if m is None else m.to(device))
+
+
+def _run(backend, x, alpha, T, **kw):
+    h_s = x["h_s"].detach().clone().requires_grad_(True)
+    w = x["w"].detach().clone().requires_grad_(x["w"].requires_grad)
+    fn = fused_linear_distill_loss if backend == "triton" else reference_linear_distill_loss
+    extra = dict(backend="triton") if backend == "triton" else {}
+    loss, ce, kl = fn(h_s, w, x["labels"], x["h_t"], teacher_weight=x["w_t"], alpha=alpha,
+                      temperature=T, kl_mask=x["kl_mask"], return_parts=True, **extra, **kw)
+    loss.backward()
+    return loss, ce, kl, h_s.grad, w.grad
+
+
+def _check(backend, device, x, alpha, T, dtype, **kw):
+    if backend == "triton" and not _triton_ok(device):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    loss, ce, kl, gh, gw = _run(backend, x, alpha, T, **kw)
+    h64 = x["h_s"].detach().double().cpu().requires_grad_(True)
+    w64 = x["w"].detach().double().cpu().requires_grad_(x["w"].requires_grad)
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    rl, rce, rkl = ref64(h64, w64, cpu(x["labels"]), cpu(x["h_t"]), cpu(x["w_t"]), alpha, T,
+                         kl_mask=cpu(x["kl_mask"]))
+    rl.backward()
+    tl_, tg = TOL[dtype]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - rl.item()) <= tl_ * max(1.0, abs(rl.item())), (loss.item(), rl.item())
+    assert abs(ce.item() - rce.item()) <= tl_ * max(1.0, abs(rce.item()))
+    assert abs(kl.item() - rkl.item()) <= tl_ * max(1.0, abs(rkl.item()))
+    assert gh.dtype == dtype and gh.shape == x["h_s"].shape
+    if h64.grad is None:  # the loss does not depend on h_s (alpha = 1 with KL masked out, ...)
+        assert (gh == 0).all()
+    else:
+        assert _nerr(gh, h64.grad) <= tg
+    if x["w"].requires_grad:
+        assert gw.dtype == dtype and _nerr(gw, w64.grad) <= tg
+    else:
+        assert gw is None
+
+
+# Each axis value appears at least once; the interpreter cost stays small (few rows x blocks).
+# (N, V, d, alpha, T, dtype, options)
+CASES = [
+    (1, 37, 16, 0.4, 1.0, torch.float32, dict()),
+    (7, 1000, 72, 0.0, 0.2, torch.bfloat16, dict(ignored=2, kl_mask=True)),
+    (64, 37, 72, 1.0, 2.0, torch.float32, dict(ignored=5, kl_mask=True, separate_teacher_w=True,
+                                                token_chunk=16, vocab_block=16)),
+    (64, 1000, 16, 0.4, 0.2, torch.bfloat16, dict(ignored=9, token_chunk=24)),
+    (7, 37, 72, 0.4, 2.0, torch.bfloat16, dict(ignored=1, token_chunk=3, vocab_block=16)),
+    (64, 1000, 72, 0.4, 1.0, torch.float32, dict(kl_mask=True, w_grad=False, token_chunk=40)),
+    (7, 1000, 16, 0.0, 1.0, torch.float32, dict(teacher=False, ignored=3, token_chunk=4)),  # fused CE
+    (64, 37, 16, 1.0, 0.2, torch.bfloat16, dict(teacher=False)),  # alpha ignored without teacher
+]
+_INPUT_KEYS = ("ignored", "separate_teacher_w", "teacher", "kl_mask", "w_grad")
+
+
+def _case_id(c):
+    N, V, d, a, T, dt, o = c
+    return f"N{N}-V{V}-d{d}-a{a}-T{T}-{str(dt)[6:]}" + "".join(f"-{k}" for k in o)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_float64(case, backend, device):
+    N, V, d, alpha, T, dtype, opts = case
+    seed = zlib.crc32(_case_id(case).encode()) % 10_000  # fresh per case, reproducible
+    inp = {k: v for k, v in opts.items() if k in _INPUT_KEYS}
+    kw = {k: v for k, v in opts.items() if k not in _INPUT_KEYS}
+    if backend == "torch":
+        kw.pop("vocab_block", None)
+    x = _inputs(N, V, d, dtype, device, seed, **inp)
+    _check(backend, device, x, alpha, T, dtype, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_cases(backend, device):
+    if backend == "triton" and not _triton_ok(device):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    kw = dict(backend=backend)
+    # N = 0: loss 0, empty grads, no NaN.
+    x = _inputs(0, 37, 16, torch.float32, device, 1)
+    loss = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], **kw)
+    loss.backward()
+    assert loss.item() == 0.0 and x["h_s"].grad.shape == (0, 16) and (x["w"].grad == 0).all()
+    # Every label ignored and no KL row counted: loss 0 and zero grads, not NaN.
+    x = _inputs(5, 37, 16, torch.float32, device, 2, ignored=5)
+    loss, ce, kl = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], alpha=0.4,
+                                             kl_mask=torch.zeros(5, dtype=torch.bool, device=device),
+                                             return_parts=True, **kw)
+    loss.backward()
+    assert loss.item() == 0.0 and ce.item() == 0.0 and kl.item() == 0.0
+    assert (x["h_s"].grad == 0).all() and (x["w"].grad == 0).all()
+    # All labels ignored, KL counted: loss = alpha * KL exactly.
+    x = _inputs(5, 37, 16, torch.float32, device, 3, ignored=5)
+    loss, ce, kl = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], alpha=0.4,
+                                             return_parts=True, **kw)
+    assert ce.item() == 0.0 and kl.item() > 0 and torch.allclose(loss, 0.4 * kl)
+    # Student == teacher at T = 1: KL = 0 and its gradient is 0 (DESIGN: why two stages).
+    x = _inputs(6, 37, 16, torch.float32, device, 4)
+    loss, ce, kl = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_s"].detach(),
+                                             alpha=1.0, return_parts=True, **kw)
+    loss.backward()
+    assert abs(kl.item()) < 1e-5 and x["h_s"].grad.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_output_scaling_and_module(backend):
+    if backend == "triton" and not _triton_ok("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    x = _inputs(9, 37, 16, torch.float32, "cpu", 5, ignored=2)
+    h1 = x["h_s"].detach().clone().requires_grad_()
+    l1 = fused_linear_distill_loss(h1, x["w"].detach(), x["labels"], x["h_t"], alpha=0.3,
+                                   temperature=0.5, backend=backend)
+    (3.0 * l1).backward()  # the pipeline scales batch losses: grads must follow grad_output
+    h2 = x["h_s"].detach().clone().requires_grad_()
+    crit = FusedLinearDistillLoss(alpha=0.3, temperature=0.5, backend=backend)
+    l2 = crit(h2, x["w"].detach(), x["labels"], x["h_t"])
+    l2.backward()
+    assert torch.allclose(l1, l2) and torch.allclose(h1.grad, 3.0 * h2.grad, rtol=1e-6, atol=0)
+    with torch.no_grad():  # forward only: no gradient pass, same loss
+        l3 = fused_linear_distill_loss(h2, x["w"], x["labels"], x["h_t"], alpha=0.3, temperature=0.5,
+                                       backend=backend)
+    assert torch.allclose(l3, l2)
+
+
+def test_plan_is_bounded():
+    """Scratch is token_chunk * bytes_per_row, far below one N x V float32 tensor at real sizes."""
+    N, V, d = 8192, 128256, 4096
+    for dev, budget in (("cuda", 768 << 20), ("cpu", 256 << 20)):
+        for has_t in (True, False):
+            p = plan_chunks(N, V, d, torch.bfloat16, dev, has_teacher=has_t)
+            assert p.scratch_bytes <= budget and p.scratch_bytes < N * V * 4
+            assert 1 <= p.token_chunk < N and p.token_chunk % 16 == 0
+            assert p.num_chunks == math.ceil(N / p.token_chunk)
+            assert p.bytes_per_row == V * (4 + 4 * has_t + (2 if dev == "cuda" else 4))
+    p = plan_chunks(8192, 128256, 4096, torch.bfloat16, "cuda")
+    assert p.token_chunk == 512 and p.vocab_block == 2048  # the documented choice (656 MB)
+    p = plan_chunks(7, 37, 16, torch.float32, "cpu")
+    assert p.token_chunk == 7 and p.num_chunks == 1 and p.vocab_block == 64
+    assert plan_chunks(0, 37, 16, torch.float32, "cpu").num_chunks == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_allocates_n_by_v(backend):
+    """Every tensor any op creates during forward+backward is at most one float32 chunk of logits
+    (token_chunk x V), far below N x V. Counted in bytes: the interpreter copies storages as uint8."""
+    if backend == "triton" and not _triton_ok("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Biggest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Biggest.biggest = max(Biggest.biggest, t.numel() * t.element_size())
+            return out
+
+    N, V, d = 64, 1000, 16
+    x = _inputs(N, V, d, torch.float32, "cpu", 6)
+    with Biggest():
+        loss = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], backend=backend,
+                                         token_chunk=16)
+        loss.backward()
+    assert 0 < Biggest.biggest <= 16 * V * 4 < N * V * 4
+
+
+def test_bad_inputs():
+    x = _inputs(4, 37, 16, torch.float32, "cpu", 7)
+    with pytest.raises(ValueError, match="labels"):
+        reference_linear_distill_loss(x["h_s"], x["w"], torch.tensor([0, 1, 37, 2]), x["h_t"])
+    with pytest.raises(ValueError, match="temperature"):
+        reference_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], temperature=0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        reference_linear_distill_loss(x["h_s"], x["w"].detach().double(), x["labels"])
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], backend="cuda")
+
+
+def test_kernel_compiles_for_h100():
+    """The Triton kernel compiles to sm_90 code on this machine (no GPU needed), so a GPU-only
+    type error cannot hide behind the interpreter."""
+    if not triton_available() or interpreter_enabled():
+        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "labels_ptr": "*i64", "cce_ptr": "*fp32",
+           "ckl_ptr": "*fp32", "dz_ptr": "*bf16", "ce_ptr": "*fp32", "kl_ptr": "*fp32", "V": "i32",
+           "stride_zs": "i32", "stride_zt": "i32", "stride_dz": "i32", "inv_T": "fp32",
+           "ignore_index": "i32", "HAS_TEACHER": "constexpr", "NEED_GRAD": "constexpr",
+           "BLOCK_V": "constexpr"}
+    for has_t in (True, False):
+        src = ASTSource(fn=mod._distill_rows_kernel, signature=sig,
+                        constexprs={"HAS_TEACHER": has_t, "NEED_GRAD": True, "BLOCK_V": 2048})
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
+            if "ptxas" in str(e) or "not found" in str(e).lower():
+                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
+            raise
+        assert "ptx" in compiled.asm

@@ -1,0 +1,270 @@
+"""Fused Taylor-importance accumulation (kernels/taylor_importance.py) and the gated-MLP Function
+(kernels/gated_mlp.py), against float64 references.
+
+Tolerances. The kernel reads its inputs as given (bf16 values are exact in fp32/fp64) and
+accumulates in fp32, so against a float64 reference on the same (already rounded) inputs both dtypes
+get rtol 1e-4 with atol 1e-5 x max|ref| (cancellation inside S can make small entries relatively
+worse). The gated-MLP dX: fp32 rtol 1e-5 vs autograd in fp32; bf16 compared with autograd run in
+bf16 (same op order), atol 2e-2 x max|ref|.
+"""
+import pytest
+import torch
+from torch import nn
+
+from sdmprune.kernels.gated_mlp import (ACTIVATIONS, activation_backward, activation_grad, apply_activation,
+                                        gated_mlp_with_importance)
+from sdmprune.kernels.taylor_importance import accumulate_taylor_scores_
+from sdmprune.kernels.utils import interpreter_enabled, triton_available
+
+TOL = {torch.float32: dict(rtol=1e-4, atol_rel=1e-5), torch.bfloat16: dict(rtol=1e-4, atol_rel=1e-5)}
+
+triton_cpu = pytest.mark.skipif(not (triton_available() and interpreter_enabled()),
+                                reason="Triton on CPU needs TRITON_INTERPRET=1")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference_scores(x, d_gate, d_up, h, dy, w_gate, w_up, w_down, seg, keep=None):
+    """float64: sum over segments of sum_j |S_s[c, j]| / d, S_s built from explicit weight gradients."""
+    x, d_gate, d_up, h, dy, w_gate, w_up, w_down = (t.double().cpu() for t in (x, d_gate, d_up, h, dy, w_gate, w_up, w_down))
+    out = torch.zeros(w_gate.shape[0], dtype=torch.float64)
+    for a, b in zip(seg[:-1].tolist(), seg[1:].tolist()):
+        rows = torch.arange(a, b)
+        if keep is not None:
+            rows = rows[keep.cpu()[a:b]]
+        g_gate = d_gate[rows].t() @ x[rows]
+        g_up = d_up[rows].t() @ x[rows]
+        g_down = dy[rows].t() @ h[rows]  # [d, I], the true layout of W_down's gradient
+        S = g_up * w_up + g_gate * w_gate + (g_down * w_down).t()
+        out += S.abs().sum(1) / x.shape[1]
+    return out
+
+
+def make_inputs(T, I, d, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    return dict(x=r(T, d), d_gate=r(T, I), d_up=r(T, I), h=r(T, I), dy=r(T, d),
+                w_gate=r(I, d), w_up=r(I, d), w_down=r(d, I))
+
+
+def check_increment(backend, T, I, d, seg, dtype, keep=None, device="cpu", **kw):
+    inp = make_inputs(T, I, d, dtype, device)
+    seg_t = torch.tensor(seg, device=device)
+    keep_t = None if keep is None else torch.tensor(keep, device=device)
+    start = torch.rand(I, device=device) + 0.5  # accumulated in place: start nonzero, check the increment
+    scores = start.clone()
+    out = accumulate_taylor_scores_(scores, seg_offsets=seg_t, token_mask=keep_t, backend=backend, **inp, **kw)
+    assert out is scores
+    ref = reference_scores(*inp.values(), seg_t, keep_t)
+    tol = TOL[dtype]
+    inc = (scores - start).double().cpu()
+    torch.testing.assert_close(inc, ref, rtol=tol["rtol"], atol=tol["atol_rel"] * ref.abs().max().item())
+    return inp, ref
+
+
+# (T, I, d, segment offsets): ragged sizes, 1..4 segments, empty and 1-token segments, and tokens
+# outside every segment (leading/trailing rows).
+SHAPES = [
+    (13, 40, 24, [0, 13]),
+    (37, 45, 29, [0, 10, 11, 30, 37]),
+    (50, 33, 70, [3, 3, 26, 47]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[0]}_I{s[1]}_d{s[2]}_S{len(s[3]) - 1}")
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_cpu), "torch"])
+def test_kernel_matches_float64_reference(backend, shape, dtype):
+    T, I, d, seg = shape
+    check_increment(backend, T, I, d, seg, dtype)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_cpu), "torch"])
+def test_token_mask_drops_rows_even_if_poisoned(backend):
+    T, I, d, seg = 29, 36, 20, [0, 9, 29]
+    keep = [bool(v) for v in (torch.arange(T) % 3 != 1)]
+    inp = make_inputs(T, I, d, torch.float32)
+    dropped = torch.tensor([not k for k in keep])
+    for name in ("x", "d_gate", "d_up", "h", "dy"):
+        inp[name][dropped] = float("nan")  # a dropped row must not reach the scores at all
+    start = torch.rand(I)
+    scores = start.clone()
+    accumulate_taylor_scores_(scores, seg_offsets=torch.tensor(seg), token_mask=torch.tensor(keep), backend=backend, **inp)
+    clean = {k: torch.where(torch.isnan(v), torch.zeros_like(v), v) for k, v in inp.items()}
+    ref = reference_scores(*clean.values(), torch.tensor(seg), torch.tensor(keep))
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close((scores - start).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_cpu), "torch"])
+def test_rows_outside_segments_are_ignored(backend):
+    T, I, d = 20, 18, 16
+    inp = make_inputs(T, I, d, torch.float32)
+    for name in ("x", "d_gate", "d_up", "h", "dy"):
+        inp[name][:2] = float("nan")
+        inp[name][15:] = float("nan")
+    scores = torch.zeros(I)
+    accumulate_taylor_scores_(scores, seg_offsets=torch.tensor([2, 7, 15]), backend=backend, **inp)
+    assert torch.isfinite(scores).all() and (scores > 0).all()
+
+
+def test_torch_path_chunks_channels():
+    """The torch path in channel chunks of 7 rows equals the float64 reference (bounded memory)."""
+    check_increment("torch", 21, 50, 12, [0, 5, 21], torch.float32)  # default chunk: one chunk
+    from sdmprune.kernels.taylor_importance import taylor_scores_torch_
+
+    inp = make_inputs(21, 50, 12, torch.float32)
+    seg = torch.tensor([0, 5, 21])
+    a, b = torch.zeros(50), torch.zeros(50)
+    taylor_scores_torch_(a, *inp.values(), seg)
+    taylor_scores_torch_(b, *inp.values(), seg, chunk_elems=7 * 12)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_abs_is_per_segment_not_of_the_batch_sum():
+    """Two segments give more than one segment over the same tokens whenever signs disagree."""
+    inp = make_inputs(16, 8, 8, torch.float64)
+    two, one = torch.zeros(8, dtype=torch.float32), torch.zeros(8, dtype=torch.float32)
+    accumulate_taylor_scores_(two, seg_offsets=torch.tensor([0, 8, 16]), backend="torch", **inp)
+    accumulate_taylor_scores_(one, seg_offsets=torch.tensor([0, 16]), backend="torch", **inp)
+    assert (two >= one - 1e-5).all() and (two > one + 1e-3).any()
+
+
+def test_launcher_rejects_bad_inputs():
+    inp = make_inputs(6, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        accumulate_taylor_scores_(torch.zeros(8, dtype=torch.float64), **inp)
+    with pytest.raises(ValueError, match="d_up"):
+        accumulate_taylor_scores_(torch.zeros(8), **{**inp, "d_up": torch.zeros(6, 7)})
+    with pytest.raises(ValueError, match="meta"):
+        accumulate_taylor_scores_(torch.zeros(8), **{**inp, "w_up": torch.empty(8, 4, device="meta")})
+    with pytest.raises(ValueError, match="backend"):
+        accumulate_taylor_scores_(torch.zeros(8), backend="cuda", **inp)
+
+
+# ----------------------------------------------------------------------------- gated MLP Function
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_grad_matches_autograd(act):
+    g = torch.linspace(-6, 6, 301, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(apply_activation(act, g).sum(), g)
+    torch.testing.assert_close(activation_grad(act, g.detach()), grad, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(301, dtype=torch.float64)
+    torch.testing.assert_close(activation_backward(act, upstream, g.detach()), upstream * grad, rtol=1e-12, atol=1e-12)
+
+
+def make_mlp(d, I, bias, dtype, seed=0):
+    torch.manual_seed(seed)
+    mods = (nn.Linear(d, I, bias=bias), nn.Linear(d, I, bias=bias), nn.Linear(I, d, bias=bias))
+    return [m.to(dtype).requires_grad_(False) for m in mods]
+
+
+def naive_scores(x, dy, gate, up, down, act, mask=None):
+    """float64 autograd weight gradients, one backward per batch row, |S| summed, mean over d."""
+    total = torch.zeros(gate.weight.shape[0], dtype=torch.float64)
+    params = [m.weight.detach().double().requires_grad_(True) for m in (gate, up, down)]
+    biases = [None if m.bias is None else m.bias.detach().double() for m in (gate, up, down)]
+    wg, wu, wd = params
+    for b in range(x.shape[0]):
+        xs = x[b].detach().double()
+        h = apply_activation(act, nn.functional.linear(xs, wg, biases[0])) * nn.functional.linear(xs, wu, biases[1])
+        if mask is not None:
+            h = h * mask.double()
+        y = nn.functional.linear(h, wd, biases[2])
+        gg, gu, gd = torch.autograd.grad((y * dy[b].double()).sum(), params)
+        total += (gu * wu + gg * wg + (gd * wd).t()).detach().abs().sum(1) / x.shape[-1]
+    return total
+
+
+
+@pytest.mark.parametrize("act,bias,masked,backend", [
+    ("silu", False, False, "torch"), ("gelu", True, True, "torch"), ("gelu_tanh", False, True, "torch"),
+    ("relu", True, False, "torch"),
+    pytest.param("silu", True, True, "triton", marks=triton_cpu),
+    pytest.param("gelu_tanh", False, False, "triton", marks=triton_cpu),
+])
+def test_gated_mlp_function_fp32(act, bias, masked, backend):
+    B, L, d, I = 3, 7, 24, 40
+    gate, up, down = make_mlp(d, I, bias, torch.float32)
+    mask = (torch.rand(I) > 0.3) if masked else None
+    x = torch.randn(B, L, d, requires_grad=True)
+    dy = torch.randn(B, L, d)
+    scores = torch.rand(I)  # nonzero start: the increment is checked
+    start = scores.clone()
+    y = gated_mlp_with_importance(x, gate, up, down, act, scores=scores, channel_mask=mask, backend=backend)
+    (dx,) = torch.autograd.grad(y, x, dy)
+
+    # reference forward/backward: plain autograd through the same math
+    xr = x.detach().clone().requires_grad_(True)
+    h = apply_activation(act, gate(xr)) * up(xr)
+    if masked:
+        h = h * mask.float()
+    yr = down(h)
+    (dxr,) = torch.autograd.grad(yr, xr, dy)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dxr, rtol=1e-5, atol=1e-6)
+    ref = naive_scores(x, dy, gate, up, down, act, mask)
+    torch.testing.assert_close((scores - start).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    if masked:
+        assert torch.equal(scores[~mask], start[~mask])  # a masked channel gains nothing
+    assert all(m.weight.grad is None for m in (gate, up, down))
+
+
+def test_gated_mlp_function_bf16_dx_and_scores():
+    B, L, d, I = 2, 9, 32, 48
+    gate, up, down = make_mlp(d, I, False, torch.bfloat16)
+    x = torch.randn(B, L, d, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(B, L, d, dtype=torch.bfloat16)
+    scores = torch.zeros(I)
+    y = gated_mlp_with_importance(x, gate, up, down, "silu", scores=scores, backend="torch")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().clone().requires_grad_(True)
+    yr = down(nn.functional.silu(gate(xr)) * up(xr))
+    (dxr,) = torch.autograd.grad(yr, xr, dy)
+    assert torch.equal(y, yr)  # same ops in the same dtype
+    torch.testing.assert_close(dx.float(), dxr.float(), rtol=0, atol=2e-2 * dxr.float().abs().max().item())
+    # bf16 activations/gradients rounded differently from the float64 reference: loose bound
+    ref = naive_scores(x, dy, gate, up, down, "silu")
+    torch.testing.assert_close(scores.double(), ref, rtol=5e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_gated_mlp_function_checks():
+    gate, up, down = make_mlp(8, 12, False, torch.float32)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    up.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="require grad"):
+        gated_mlp_with_importance(x, gate, up, down, "silu", scores=torch.zeros(12))
+    up.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="activation"):
+        gated_mlp_with_importance(x, gate, up, down, "tanh")
+    meta_down = nn.Linear(12, 8, bias=False, device="meta").requires_grad_(False)
+    with pytest.raises(RuntimeError, match="meta"):
+        gated_mlp_with_importance(x, gate, up, meta_down, "silu", scores=torch.zeros(12))
+    with pytest.raises(ValueError, match="channel_mask"):
+        gated_mlp_with_importance(x, gate, up, down, "silu", channel_mask=torch.ones(5, dtype=torch.bool))
+    # without scores: dX only, scores untouched by construction; under no_grad: the plain forward
+    y = gated_mlp_with_importance(x, gate, up, down, "silu")
+    y.sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
+    with torch.no_grad():
+        assert not gated_mlp_with_importance(x, gate, up, down, "silu").requires_grad
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(300, 700, 260, [0, 100, 101, 300])],
+                         ids=lambda s: f"T{s[0]}_I{s[1]}_d{s[2]}")
+def test_kernel_gpu(shape, dtype):
+    T, I, d, seg = shape
+    check_increment("triton", T, I, d, seg, dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.gpu
+def test_kernel_gpu_matches_torch_path_bf16_large():
+    inp = make_inputs(1024, 1024, 512, torch.bfloat16, device="cuda")
+    seg = torch.tensor([0, 256, 512, 1024], device="cuda")
+    a, b = torch.zeros(1024, device="cuda"), torch.zeros(1024, device="cuda")
+    accumulate_taylor_scores_(a, seg_offsets=seg, backend="triton", **inp)
+    accumulate_taylor_scores_(b, seg_offsets=seg, backend="torch", **inp)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
