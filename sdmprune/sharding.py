@@ -130,7 +130,12 @@ def unshard_model_(model: nn.Module, device="cpu") -> nn.Module:
     collect(m for m in model.modules() if id(m) not in in_layers)
     for mod in fsdp_modules:
         state = mod._get_fsdp_state()
-        for h in (getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)):
+        handles = [getattr(state, "_pre_forward_hook_handle", None), getattr(state, "_post_forward_hook_handle", None)]
+        group = getattr(state, "_fsdp_param_group", None)
+        if group is not None:  # state-dict hooks that would turn the plain parameters back into shards
+            handles += list(getattr(group, "_module_to_pre_save_state_dict_hook_handle", {}).values())
+            handles += list(getattr(group, "_module_to_pre_load_state_dict_hook_handle", {}).values())
+        for h in handles:
             if h is not None:
                 h.remove()
         mod.__class__ = next(b for b in type(mod).__bases__ if b is not FSDPModule)

@@ -106,6 +106,8 @@ BAD = {
                        "{root}/missing.jsonl"], "does not exist"),
     "unknown dataset offline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib",
                                  "no-such-dataset"], "unknown calibration source"),
+    "hub id offline": (["prune", "no-such-org/no-such-model", "--out", "{out}", "--ratio", "0.2"],
+                       "not a local directory"),
     "c4 offline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib", "c4"], "no network"),
     "eval tasks without lm-eval": (["eval", "{root}/tiny", "--tasks", "arc_easy"], "pip install sdmprune[eval]"),
 }
