@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .utils import triton_available, use_triton
+from .utils import interpreter_enabled, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -181,6 +181,333 @@ def _rows_torch(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_
         if zt is not None:
             g.sub_(p * c_kl.unsqueeze(1))
         dz.copy_(g)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend "triton_tiled": fully fused tiles (logits live only in registers / shared memory)
+# --------------------------------------------------------------------------------------------------
+# Per-(row, vocab split) partial statistics written by the forward kernel, float32 [_NSTAT, S, N]:
+#   m_s, s_s: running max and sum of exp(z_s - m_s) (student logsumexp)
+#   m_t, s_t: the same for y = z_t / T (teacher)
+#   a       = sum_v exp(y - m_t) * z_s
+#   b       = sum_v exp(y - m_t) * (y - m_t)      (relative to the running max, for precision)
+#   tgt     = z_s[label] when the label falls in the split, else 0 (exactly one split has it)
+_NSTAT = 7
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows, row_ok, cols, col_ok, D,
+                     s_hs_n, s_hs_d, s_ht_n, s_ht_d, s_w_v, s_w_d, s_wt_v, s_wt_d,
+                     HAS_TEACHER: tl.constexpr, SHARED_W: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """Student and teacher logit tiles [BLOCK_N, BLOCK_V] (float32 accumulation over d tiles).
+        rows / cols are int64 offsets; masked rows and columns read zeros."""
+        acc_s = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            m_nd = row_ok[:, None] & d_ok[None, :]
+            m_vd = col_ok[:, None] & d_ok[None, :]
+            h = tl.load(hs_ptr + rows[:, None] * s_hs_n + dd[None, :] * s_hs_d, mask=m_nd, other=0.0)
+            # W tiles are read [BLOCK_V, BLOCK_D] (contiguous along d) and transposed for the dot
+            w = tl.load(w_ptr + cols[:, None] * s_w_v + dd[None, :] * s_w_d, mask=m_vd, other=0.0)
+            if UPCAST:
+                # the Triton interpreter multiplies bf16/fp16 tiles as raw bits: fp32 copies of the
+                # same values give the same products, accumulated in fp32 as on the GPU
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc_s = tl.dot(h, tl.trans(w), acc_s, input_precision=PRECISION)
+            if HAS_TEACHER:
+                ht = tl.load(ht_ptr + rows[:, None] * s_ht_n + dd[None, :] * s_ht_d, mask=m_nd, other=0.0)
+                if SHARED_W:  # one LM head: the W tile is loaded once for both dots
+                    wt = w
+                else:
+                    wt = tl.load(wt_ptr + cols[:, None] * s_wt_v + dd[None, :] * s_wt_d, mask=m_vd, other=0.0)
+                if UPCAST:
+                    ht = ht.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc_t = tl.dot(ht, tl.trans(wt), acc_t, input_precision=PRECISION)
+        return acc_s, acc_t
+
+    @triton.jit
+    def _tiled_fwd_kernel(
+        hs_ptr, w_ptr, ht_ptr, wt_ptr, labels_ptr, part_ptr,  # part: [_NSTAT, S, N] float32 out
+        N, V, D, S, inv_T,
+        s_hs_n, s_hs_d, s_w_v, s_w_d, s_ht_n, s_ht_d, s_wt_v, s_wt_d,
+        HAS_TEACHER: tl.constexpr, SHARED_W: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Program (split, token block): online statistics of BLOCK_N rows over the vocabulary range
+        of one split (a whole number of BLOCK_V tiles); writes all _NSTAT partials of its rows, also
+        for an empty split (max -inf, sums 0)."""
+        split = tl.program_id(0)  # splits vary fastest: programs running together share h rows in L2
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        tiles = tl.cdiv(tl.cdiv(V, BLOCK_V), S)
+        v_start = split * tiles * BLOCK_V
+        v_end = tl.minimum(V, v_start + tiles * BLOCK_V)
+
+        m_s = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+        s_s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        m_t = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)
+        s_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(v_start, v_end, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            col_ok = offs_v < v_end
+            zs, zt = _tile_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows, row_ok, offs_v.to(tl.int64), col_ok,
+                                  D, s_hs_n, s_hs_d, s_ht_n, s_ht_d, s_w_v, s_w_d, s_wt_v, s_wt_d,
+                                  HAS_TEACHER, SHARED_W, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+            # every tile has >= 1 valid column, so the new maxima are finite
+            zs_m = tl.where(col_ok[None, :], zs, -float("inf"))
+            ms_new = tl.maximum(m_s, tl.max(zs_m, axis=1))
+            s_s = s_s * tl.exp(m_s - ms_new) + tl.sum(tl.exp(zs_m - ms_new[:, None]), axis=1)
+            m_s = ms_new
+            tgt += tl.sum(tl.where(offs_v[None, :] == labels[:, None], zs, 0.0), axis=1)
+            if HAS_TEACHER:
+                y = tl.where(col_ok[None, :], zt * inv_T, -float("inf"))
+                mt_new = tl.maximum(m_t, tl.max(y, axis=1))
+                scale = tl.exp(m_t - mt_new)
+                e = tl.exp(y - mt_new[:, None])  # 0 on masked columns
+                y0 = tl.where(col_ok[None, :], y - mt_new[:, None], 0.0)
+                zs0 = tl.where(col_ok[None, :], zs, 0.0)
+                # moving b's reference point from m_t to mt_new adds (m_t - mt_new) * s_t; guarded for
+                # the first tile (s_t = 0, m_t = -inf)
+                shift = tl.where(s_t > 0.0, m_t - mt_new, 0.0) * s_t
+                b = (b + shift) * scale + tl.sum(e * y0, axis=1)
+                a = a * scale + tl.sum(e * zs0, axis=1)
+                s_t = s_t * scale + tl.sum(e, axis=1)
+                m_t = mt_new
+        out = part_ptr + split.to(tl.int64) * N + rows
+        plane = S.to(tl.int64) * N
+        tl.store(out, m_s, mask=row_ok)
+        tl.store(out + plane, s_s, mask=row_ok)
+        tl.store(out + 2 * plane, m_t, mask=row_ok)
+        tl.store(out + 3 * plane, s_t, mask=row_ok)
+        tl.store(out + 4 * plane, a, mask=row_ok)
+        tl.store(out + 5 * plane, b, mask=row_ok)
+        tl.store(out + 6 * plane, tgt, mask=row_ok)
+
+    @triton.jit
+    def _tiled_bwd_kernel(
+        hs_ptr, w_ptr, ht_ptr, wt_ptr, labels_ptr, lse_s_ptr, lse_t_ptr, cce_ptr, ckl_ptr,
+        dh_ptr, dw_ptr,  # float32 accumulators [N, d] and [V, d] (atomic adds)
+        N, V, D, inv_T,
+        s_hs_n, s_hs_d, s_w_v, s_w_d, s_ht_n, s_ht_d, s_wt_v, s_wt_d, s_dh_n, s_dh_d, s_dw_v, s_dw_d,
+        HAS_TEACHER: tl.constexpr, SHARED_W: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Program = one (token block, vocab tile): recompute both logit tiles, form
+        dz = c_ce (q_s - onehot) + c_kl (q_s - p_t) in registers, then per d tile
+        dH[rows] += dz @ W[cols] and dW[cols] += dz^T @ h_s[rows] (float32 atomics)."""
+        # Grouped order: GROUP_N token blocks sweep the vocabulary together, so their h rows stay
+        # in L2 while W streams through (as in the Triton matmul tutorial).
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_v = tl.cdiv(V, BLOCK_V)
+        per_group = GROUP_N * num_v
+        first_n = (pid // per_group) * GROUP_N
+        group_size = tl.minimum(num_n - first_n, GROUP_N)
+        pid_n = first_n + (pid % per_group) % group_size
+        pid_v = (pid % per_group) // group_size
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = offs_v < V
+        cols = offs_v.to(tl.int64)
+        zs, zt = _tile_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, rows, row_ok, cols, col_ok, D,
+                              s_hs_n, s_hs_d, s_ht_n, s_ht_d, s_w_v, s_w_d, s_wt_v, s_wt_d,
+                              HAS_TEACHER, SHARED_W, UPCAST, PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0)
+        c_ce = tl.load(cce_ptr + rows, mask=row_ok, other=0.0)  # 0 on ignored rows
+        c_kl = tl.load(ckl_ptr + rows, mask=row_ok, other=0.0)  # 0 on rows outside kl_mask
+        q = tl.exp(zs - lse_s[:, None])
+        g = (c_ce + c_kl)[:, None] * q - tl.where(offs_v[None, :] == labels[:, None], c_ce[:, None], 0.0)
+        if HAS_TEACHER:
+            lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
+            g = g - c_kl[:, None] * tl.exp(zt * inv_T - lse_t[:, None])
+        # zero outside the tile so padded rows/columns add nothing
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        if UPCAST:
+            gd = g  # fp32 tiles under the interpreter
+        else:
+            gd = g.to(w_ptr.dtype.element_ty)  # the GEMM dtype (bf16 on GPU: tensor cores)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_ok = dd < D
+            if NEED_DH:
+                w = tl.load(w_ptr + cols[:, None] * s_w_v + dd[None, :] * s_w_d,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                part = tl.dot(gd, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+                tl.atomic_add(dh_ptr + rows[:, None] * s_dh_n + dd[None, :] * s_dh_d, part,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if NEED_DW:
+                h = tl.load(hs_ptr + rows[:, None] * s_hs_n + dd[None, :] * s_hs_d,
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                part_w = tl.dot(tl.trans(gd), h, input_precision=PRECISION)  # [BLOCK_V, BLOCK_D]
+                tl.atomic_add(dw_ptr + cols[:, None] * s_dw_v + dd[None, :] * s_dw_d, part_w,
+                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+    def _tiled_configs():
+        out = []
+        for bn in (64, 128):
+            for bv in (64, 128, 256):
+                for bd in (64, 128):
+                    for warps in (4, 8):
+                        for stages in (3, 4):
+                            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd},
+                                                     num_warps=warps, num_stages=stages))
+        return out
+
+    def _prune_tiled(configs, named_args, **kwargs):
+        """Drop configs that cannot fit: two float32 [BLOCK_N, BLOCK_V] accumulators (student +
+        teacher) beyond 128 x 128 spill registers; pipelined bf16 operand tiles beyond ~200 KB of
+        shared memory do not launch on H100 (228 KB per SM)."""
+        has_t = bool(kwargs.get("HAS_TEACHER", True))
+        n_w = 1 if kwargs.get("SHARED_W", True) else 2
+        esize = named_args["hs_ptr"].element_size() if "hs_ptr" in named_args else 2
+        keep = []
+        for c in configs:
+            bn, bv, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_D"]
+            if bn * bv > 128 * 128:
+                continue
+            smem = c.num_stages * (bn * bd * (1 + has_t) + bv * bd * (n_w if has_t else 1)) * esize
+            if smem > 200 * 1024:
+                continue
+            keep.append(c)
+        return keep or configs[:1]
+
+    _TILED_KEY = ["V", "D", "HAS_TEACHER", "SHARED_W", "UPCAST", "PRECISION"]
+    _tiled_fwd_kernel_tuned = triton.autotune(
+        configs=_tiled_configs(), key=_TILED_KEY, prune_configs_by={"early_config_prune": _prune_tiled},
+    )(_tiled_fwd_kernel)
+    # autotuning re-runs the kernel, which adds into dH / dW: zero them before each trial
+    _tiled_bwd_kernel_tuned = triton.autotune(
+        configs=_tiled_configs(), key=_TILED_KEY + ["NEED_DH", "NEED_DW"],
+        prune_configs_by={"early_config_prune": _prune_tiled}, reset_to_zero=["dh_ptr", "dw_ptr"],
+    )(_tiled_bwd_kernel)
+
+# Under the interpreter every program is simulated in numpy: one fixed small tile configuration
+# (tl.dot needs every dimension >= 16).
+_INTERPRETER_TILES = dict(BLOCK_N=16, BLOCK_V=128, BLOCK_D=32)
+_BWD_GROUP_N = 8
+
+
+def _tiled_flags(dtype: torch.dtype, device: torch.device):
+    on_gpu = device.type == "cuda"
+    upcast = not on_gpu and dtype in _HALF
+    # float32 inputs: IEEE products (no TF32 rounding), so float32 users get float32 accuracy
+    precision = "ieee" if (dtype == torch.float32 or upcast) else "tf32"
+    return on_gpu, upcast, precision
+
+
+def default_vocab_splits(N: int, V: int, device) -> int:
+    """Vocabulary splits S of the tiled forward. GPU: at least 8 (so that the programs running
+    together cover few token blocks and their h rows stay in L2) and enough (token blocks of 128) x
+    S programs to fill the SMs twice, at most 64 and at most one split per 512 vocabulary entries.
+    Interpreter: 2 (exercises the split combine at tiny cost)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(8, -(-2 * sms // max(1, -(-N // 128))))
+    return int(max(1, min(want, 64, -(-V // 512))))
+
+
+def _combine_splits(part: torch.Tensor, labels: torch.Tensor, ignore_index: int, has_t: bool):
+    """Merge the [_NSTAT, S, N] partials -> (ce_rows, kl_rows, lse_s, lse_t), float32 [N] each."""
+    m_s, s_s, m_t, s_t, a, b, tgt = part.unbind(0)
+    ms = m_s.max(0).values  # finite: some split holds each row's vocabulary
+    lse_s = ms + torch.log((s_s * torch.exp(m_s - ms)).sum(0))
+    valid = labels != ignore_index
+    ce_rows = torch.where(valid, lse_s - tgt.sum(0), torch.zeros_like(lse_s))
+    if not has_t:
+        return ce_rows, torch.zeros_like(ce_rows), lse_s, torch.zeros_like(lse_s)
+    mt = m_t.max(0).values
+    wgt = torch.exp(m_t - mt)  # 0 for empty splits (m_t = -inf)
+    st = (wgt * s_t).sum(0)
+    at = (wgt * a).sum(0)
+    # b relative to the global max: b_i + (m_i - M) s_i; an empty split (s_i = 0) adds nothing
+    bt = (wgt * (b + torch.where(s_t > 0, (m_t - mt) * s_t, torch.zeros_like(s_t)))).sum(0)
+    log_st = torch.log(st)
+    lse_t = mt + log_st
+    kl_rows = bt / st - log_st - at / st + lse_s  # E_p[y - lse_t] - E_p[z_s - lse_s]
+    return ce_rows, kl_rows, lse_s, lse_t
+
+
+def _tiled_forward_stats(h_s, w, h_t, w_t, labels, inv_T, splits):
+    """Launch the forward kernel; returns the [_NSTAT, S, N] float32 partials."""
+    N, D = h_s.shape
+    V = w.shape[0]
+    has_t = h_t is not None
+    on_gpu, upcast, precision = _tiled_flags(h_s.dtype, h_s.device)
+    part = torch.empty((_NSTAT, splits, N), dtype=torch.float32, device=h_s.device)
+    if POISON_SCRATCH:
+        part.fill_(float("nan"))
+    ht_, wt_ = (h_t, w_t) if has_t else (h_s, w)
+    args = (h_s, w, ht_, wt_, labels, part, N, V, D, splits, float(inv_T),
+            h_s.stride(0), h_s.stride(1), w.stride(0), w.stride(1),
+            ht_.stride(0), ht_.stride(1), wt_.stride(0), wt_.stride(1))
+    flags = dict(HAS_TEACHER=has_t, SHARED_W=(not has_t) or (w_t is w), UPCAST=upcast, PRECISION=precision)
+
+    def grid(meta):
+        return (splits, triton.cdiv(N, meta["BLOCK_N"]))
+
+    if on_gpu and not interpreter_enabled():
+        with torch.cuda.device(h_s.device):
+            _tiled_fwd_kernel_tuned[grid](*args, **flags)
+    else:
+        _tiled_fwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4)
+    return part
+
+
+def _tiled_backward(h_s, w, h_t, w_t, labels, lse_s, lse_t, c_ce, c_kl, inv_T, need_h, need_w):
+    """Launch the backward kernel; returns float32 (dH [N, d] or None, dW [V, d] or None)."""
+    N, D = h_s.shape
+    V = w.shape[0]
+    has_t = h_t is not None
+    on_gpu, upcast, precision = _tiled_flags(h_s.dtype, h_s.device)
+    dh = torch.zeros((N, D), dtype=torch.float32, device=h_s.device) if need_h else None
+    dw = torch.zeros((V, D), dtype=torch.float32, device=h_s.device) if need_w else None
+    dh_ = dh if need_h else dw  # an unused pointer argument must still be a tensor
+    dw_ = dw if need_w else dh
+    ht_, wt_ = (h_t, w_t) if has_t else (h_s, w)
+    lse_t_ = lse_t if has_t else lse_s
+    args = (h_s, w, ht_, wt_, labels, lse_s, lse_t_, c_ce, c_kl, dh_, dw_, N, V, D, float(inv_T),
+            h_s.stride(0), h_s.stride(1), w.stride(0), w.stride(1),
+            ht_.stride(0), ht_.stride(1), wt_.stride(0), wt_.stride(1),
+            dh_.stride(0), dh_.stride(1), dw_.stride(0), dw_.stride(1))
+    flags = dict(HAS_TEACHER=has_t, SHARED_W=(not has_t) or (w_t is w), NEED_DH=need_h, NEED_DW=need_w,
+                 UPCAST=upcast, PRECISION=precision, GROUP_N=_BWD_GROUP_N)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+
+    if on_gpu and not interpreter_enabled():
+        with torch.cuda.device(h_s.device):
+            _tiled_bwd_kernel_tuned[grid](*args, **flags)
+    else:
+        _tiled_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4)
+    return dh, dw
 
 
 # --------------------------------------------------------------------------------------------------

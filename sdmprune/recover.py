@@ -265,8 +265,9 @@ class ChannelMasks:
 
 
 def base_storage_pointers(model) -> Dict[str, int]:
-    """{name: data_ptr} of every non-LoRA parameter (to prove no base weight was copied)."""
-    return {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    """{name: data_ptr} of every non-LoRA parameter (to prove no base weight was copied); names as
+    in the plain model (peft's ``.base_layer`` removed)."""
+    return {n.replace(".base_layer", ""): p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
 
 
 # ------------------------------------------------------------------------------------------------
