@@ -1,7 +1,9 @@
 """Benchmark: fused LM-head self-distillation loss, forward + backward w.r.t. student_hidden (bf16, GPU).
 
 Shapes N x d x V in {1024x2048x128256, 8192x2048x128256, 8192x4096x128256}. In the same run:
-  sdmprune_triton      fused_linear_distill_loss (backend "triton")
+  sdmprune_triton      fused_linear_distill_loss (backend "triton": cuBLAS chunk logits + row kernel)
+  sdmprune_triton_tiled  fused_linear_distill_loss (backend "triton_tiled": fully fused tiles,
+                       autotuned on the first call, which is outside the measurement)
   sdmprune_torch       the chunked PyTorch reference (backend "torch") on the GPU
   naive_torch          materialized logits, F.cross_entropy + F.kl_div
   liger_chunked_jsd    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss(beta=0)   (if installed)
@@ -62,6 +64,8 @@ def candidates():
     out = {
         "sdmprune_triton": (lambda h, w, y, t: fused_linear_distill_loss(
             h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton"), ""),
+        "sdmprune_triton_tiled": (lambda h, w, y, t: fused_linear_distill_loss(
+            h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton_tiled"), ""),
         "sdmprune_torch": (lambda h, w, y, t: fused_linear_distill_loss(
             h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="torch"), ""),
         "naive_torch": (naive_loss, ""),
@@ -174,7 +178,7 @@ def _write_results():
         write(_ROWS)
 
 
-IMPLS = ["sdmprune_triton", "sdmprune_torch", "naive_torch", "liger_chunked_jsd", "liger_fused_jsd"]
+IMPLS = ["sdmprune_triton", "sdmprune_triton_tiled", "sdmprune_torch", "naive_torch", "liger_chunked_jsd", "liger_fused_jsd"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

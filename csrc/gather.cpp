@@ -13,7 +13,7 @@
 
 namespace sdmprune {
 
-at::Tensor check_gather_args(const at::Tensor& w, const at::Tensor& idx, int64_t dim, const char* op) {
+void check_gather_meta(const at::Tensor& w, const at::Tensor& idx, const char* op) {
   TORCH_CHECK(w.layout() == at::kStrided, op, ": w must be a dense (strided) tensor");
   TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D [R, C], got a ", w.dim(), "-D tensor");
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous (call .contiguous() first)");
@@ -22,6 +22,10 @@ at::Tensor check_gather_args(const at::Tensor& w, const at::Tensor& idx, int64_t
   TORCH_CHECK(idx.device() == w.device(), op, ": device mismatch: idx is on ", idx.device(), " but w is on ",
               w.device());
   TORCH_CHECK(idx.numel() > 0, op, ": idx is empty (keep at least one index)");
+}
+
+at::Tensor check_gather_args(const at::Tensor& w, const at::Tensor& idx, int64_t dim, const char* op) {
+  check_gather_meta(w, idx, op);
   const int64_t extent = w.size(dim);
   at::Tensor host = idx.to(at::kCPU).contiguous();
   const int64_t* p = host.data_ptr<int64_t>();
@@ -215,6 +219,19 @@ at::Tensor rows_cpu_entry(at::Tensor& w, const at::Tensor& idx, int64_t scratch_
 at::Tensor cols_cpu_entry(at::Tensor& w, const at::Tensor& idx, int64_t scratch_bytes) {
   return sdmprune::gather_cols_cpu(w, idx, scratch_bytes);
 }
+
+// Meta (shape-only) kernels: the checks that need no index values, and the output view. They also
+// answer for mixed-device calls in which one argument is on meta.
+at::Tensor rows_meta_entry(at::Tensor& w, const at::Tensor& idx, int64_t) {
+  sdmprune::check_gather_meta(w, idx, "gather_rows_");
+  const int64_t k = idx.numel(), C = w.size(1);
+  return w.as_strided({k, C}, {C, 1}, w.storage_offset());
+}
+at::Tensor cols_meta_entry(at::Tensor& w, const at::Tensor& idx, int64_t) {
+  sdmprune::check_gather_meta(w, idx, "gather_cols_");
+  const int64_t k = idx.numel(), R = w.size(0);
+  return w.as_strided({R, k}, {k, 1}, w.storage_offset());
+}
 }  // namespace
 
 TORCH_LIBRARY(sdmprune, m) {
@@ -225,4 +242,9 @@ TORCH_LIBRARY(sdmprune, m) {
 TORCH_LIBRARY_IMPL(sdmprune, CPU, m) {
   m.impl("gather_rows_", &rows_cpu_entry);
   m.impl("gather_cols_", &cols_cpu_entry);
+}
+
+TORCH_LIBRARY_IMPL(sdmprune, Meta, m) {
+  m.impl("gather_rows_", &rows_meta_entry);
+  m.impl("gather_cols_", &cols_meta_entry);
 }

@@ -33,6 +33,9 @@ struct Wave {
   bool direct;    // true: copy in place; false: through the scratch buffer
 };
 
+// The checks that need no index values (layout, shapes, dtype, device, non-empty).
+void check_gather_meta(const at::Tensor& w, const at::Tensor& idx, const char* op);
+
 // Validates (w, idx) for an op gathering along `dim` (0: rows, 1: columns) and returns idx as a
 // contiguous CPU int64 tensor (a device-to-host copy, i.e. a synchronisation, for CUDA idx).
 at::Tensor check_gather_args(const at::Tensor& w, const at::Tensor& idx, int64_t dim, const char* op);

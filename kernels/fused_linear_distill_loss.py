@@ -15,7 +15,7 @@ c_ce = (1 - alpha) / n_ce on CE rows and c_kl = alpha / n_kl on KL rows. Gradien
 and, when it requires grad, to W; the teacher side (h_t, W_t) never gets gradients (when W_t is W,
 only the student path contributes to dW).
 
-Execution (both backends share it; ``plan_chunks`` picks the sizes):
+Execution of the chunked backends "triton" and "torch" (``plan_chunks`` picks the sizes):
   for each token chunk of C rows:
     1. z_s (and z_t) = chunk GEMMs with float32 output          (cuBLAS on GPU: tensor cores, fp32 acc)
     2. one row-wise pass over the vocabulary in blocks of BLOCK_V (Triton kernel, or the PyTorch
@@ -33,10 +33,27 @@ one float32 copy of W (and W_t). The torch path holds up to ~8 float32 [C, V] te
 ``plan_chunks`` picks token_chunk from a byte budget (768 MiB on CUDA: 512 rows at V = 128256 with
 a teacher, 656 MB), so peak extra memory stays under 1 GB plus the gradient of h_s itself.
 
-What would be faster (not done here): a cut-cross-entropy-style kernel that computes the logit
-tiles with tl.dot and keeps them in SRAM (online statistics in the GEMM epilogue, logits recomputed
-in the backward GEMM) saves the ~26 bytes per logit of HBM traffic of steps 1-2 (about 9 ms at
-N x V = 8192 x 128256 on H100); steps 1 and 3 are already at the 3-GEMM floor.
+Backend "triton_tiled" (cut-cross-entropy style: no logits ever leave the chip):
+  forward  grid (S vocab splits, token blocks of BLOCK_N): a program loops over the BLOCK_V tiles of
+           its split; each logit tile is h_s[BLOCK_N, d] @ W[BLOCK_V, d]^T by tl.dot over BLOCK_D
+           slices (fp32 accumulation), the teacher tile likewise (h_t, W_t, times 1/T; one W load
+           when W_t is W); online float32 row statistics (student max/sumexp, teacher max/sumexp,
+           sum p_t*z_s, sum p_t*(z_t/T - max), the target logit) go to a [7, S, N] float32 buffer,
+           merged per row by a small torch combine (``_combine_splits``) into CE / KL rows and the
+           two logsumexps.
+  backward (autograd backward, so a no-grad forward does no gradient work) grid (token block,
+           vocab tile), grouped so GROUP_N token blocks sweep the vocabulary together: recompute both
+           logit tiles, dz = c_ce (q_s - onehot) + c_kl (q_s - p_t) in registers (the row
+           coefficients carry grad_output, 1/count, alpha and the masks), then per d slice
+           dH += dz @ W_tile and, when W requires grad, dW += dz^T @ h_s_tile, float32 atomic adds
+           (results may differ in the last bits between GPU runs).
+  Memory bound: 28 * S * N bytes of split statistics + a few float32 [N] rows, the float32 dH
+  [N, d] accumulator (rounded once to h_s's dtype), the float32 dW [V, d] only when W requires
+  grad; saved for backward: references to h_s, W, h_t, W_t and 5 float32 [N] rows. Nothing scales
+  with N x V. Cost: the logit GEMMs run twice (forward and backward) instead of once, and dH costs
+  N * d * V / BLOCK_V float32 atomics; whether that beats "triton" (logits through HBM, about
+  26 bytes per logit, cuBLAS GEMMs) is for the GPU benchmark to decide (not yet measured), which
+  is why "auto" still picks "triton".
 """
 from __future__ import annotations
 
@@ -57,6 +74,7 @@ else:  # pragma: no cover - the PyTorch path covers every call
 __all__ = [
     "ChunkPlan",
     "FusedLinearDistillLoss",
+    "default_vocab_splits",
     "fused_linear_distill_loss",
     "plan_chunks",
     "reference_linear_distill_loss",
@@ -287,8 +305,10 @@ if triton is not None:
                 a = a * scale + tl.sum(e * zs0, axis=1)
                 s_t = s_t * scale + tl.sum(e, axis=1)
                 m_t = mt_new
+        # (no .to() on the scalar arguments: Triton may specialize an argument equal to 1 into a
+        # constexpr; S * N < 2**31 / 7 for any realistic batch)
         out = part_ptr + split.to(tl.int64) * N + rows
-        plane = S.to(tl.int64) * N
+        plane = S * N
         tl.store(out, m_s, mask=row_ok)
         tl.store(out + plane, s_s, mask=row_ok)
         tl.store(out + 2 * plane, m_t, mask=row_ok)
@@ -625,16 +645,8 @@ class _LinearDistillFunction(torch.autograd.Function):
                            backend=impl, token_chunk=token_chunk, vocab_block=vocab_block)
 
         labels = labels.to(device=dev, dtype=torch.int64).contiguous()
-        valid = labels != ignore_index
-        n_ce = valid.sum().to(torch.float32)
-        klm = torch.ones(N, dtype=torch.bool, device=dev) if kl_mask is None else kl_mask.to(dev, torch.bool)
-        n_kl = klm.sum().to(torch.float32)
-        if has_t:
-            c_ce = valid.float() * ((1.0 - alpha) / n_ce.clamp(min=1.0))
-            c_kl = klm.float() * (alpha / n_kl.clamp(min=1.0))
-        else:
-            c_ce = valid.float() / n_ce.clamp(min=1.0)
-            c_kl = torch.zeros(N, dtype=torch.float32, device=dev)
+        c_ce, c_kl, valid, klm, n_ce, n_kl = _row_coefficients(labels, kl_mask, alpha, ignore_index,
+                                                               has_t, N, dev)
 
         # GEMM operands: on CPU, half weights are upcast once (float32 GEMMs; see the memory bound).
         gemm_f32 = dev.type != "cuda" and h_s.dtype != torch.float32
@@ -702,8 +714,91 @@ class _LinearDistillFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
 
 
+def _row_coefficients(labels, kl_mask, alpha, ignore_index, has_t, N, dev):
+    """(c_ce, c_kl, valid, kl rows, n_ce, n_kl): per-row float32 weights of the CE and KL gradients."""
+    valid = labels != ignore_index
+    n_ce = valid.sum().to(torch.float32)
+    klm = torch.ones(N, dtype=torch.bool, device=dev) if kl_mask is None else kl_mask.to(dev, torch.bool)
+    n_kl = klm.sum().to(torch.float32)
+    if has_t:
+        c_ce = valid.float() * ((1.0 - alpha) / n_ce.clamp(min=1.0))
+        c_kl = klm.float() * (alpha / n_kl.clamp(min=1.0))
+    else:
+        c_ce = valid.float() / n_ce.clamp(min=1.0)
+        c_kl = torch.zeros(N, dtype=torch.float32, device=dev)
+    return c_ce, c_kl, valid, klm, n_ce, n_kl
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+class _TiledDistillFunction(torch.autograd.Function):
+    """backend "triton_tiled": the forward kernel writes per-(row, split) statistics, a torch combine
+    gives per-row CE / KL and the two logsumexps; backward recomputes the logit tiles and scales the
+    row coefficients by grad_output. Saves h_s, W, h_t, W_t (references, no copies) and 5 [N] rows."""
+
+    @staticmethod
+    def forward(ctx, h_s, w, labels, h_t, w_t, kl_mask, alpha, temperature, ignore_index, splits):
+        N, d = h_s.shape
+        V = w.shape[0]
+        dev = h_s.device
+        has_t = h_t is not None
+        if has_t and (w_t is None or _same_tensor(w_t, w)):
+            w_t = w  # one LM head: the kernels load each W tile once for both dots
+        labels = labels.to(device=dev, dtype=torch.int64).contiguous()
+        c_ce, c_kl, valid, klm, n_ce, n_kl = _row_coefficients(labels, kl_mask, alpha, ignore_index,
+                                                               has_t, N, dev)
+        inv_T = 1.0 / float(temperature)
+        S = int(splits) if splits is not None else default_vocab_splits(N, V, dev)
+        if S < 1:
+            raise ValueError(f"vocab_splits must be >= 1, got {splits}")
+        h_s_, w_ = h_s.detach(), w.detach()
+        if N > 0:
+            part = _tiled_forward_stats(h_s_, w_, h_t, w_t, labels, inv_T, S)
+            ce_rows, kl_rows, lse_s, lse_t = _combine_splits(part, labels, ignore_index, has_t)
+            del part
+        else:
+            ce_rows = kl_rows = lse_s = lse_t = torch.zeros(0, dtype=torch.float32, device=dev)
+
+        ce = ce_rows.sum() / n_ce.clamp(min=1.0)
+        if has_t:
+            kl = torch.where(klm, kl_rows, torch.zeros_like(kl_rows)).sum() / n_kl.clamp(min=1.0)
+            loss = (1.0 - alpha) * ce + alpha * kl
+        else:
+            kl = torch.zeros((), dtype=torch.float32, device=dev)
+            loss = ce + 0.0  # a distinct tensor: ce is marked non-differentiable below
+        ctx.shared_w = has_t and w_t is w
+        ctx.has_t = has_t
+        ctx.inv_T = inv_T
+        ctx.save_for_backward(h_s_, w_, h_t, None if ctx.shared_w else w_t, labels, lse_s, lse_t, c_ce, c_kl)
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl):
+        h_s, w, h_t, w_t, labels, lse_s, lse_t, c_ce, c_kl = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = grad_w = None
+        if need_h or need_w:
+            if ctx.shared_w:
+                w_t = w
+            g = g_loss.to(torch.float32)
+            if h_s.shape[0] > 0:
+                dh, dw = _tiled_backward(h_s, w, h_t if ctx.has_t else None, w_t, labels, lse_s, lse_t,
+                                         (c_ce * g).contiguous(), (c_kl * g).contiguous(), ctx.inv_T,
+                                         need_h, need_w)
+            else:
+                dh = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+                dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+            grad_h = dh.to(h_s.dtype) if need_h else None
+            grad_w = dw.to(w.dtype) if need_w else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
 def _run(impl, student_hidden, weight, labels, teacher_hidden, teacher_weight, alpha, temperature,
-         ignore_index, kl_mask, return_parts, token_chunk, vocab_block):
+         ignore_index, kl_mask, return_parts, token_chunk, vocab_block, vocab_splits=None):
     _check_inputs(student_hidden, weight, labels, teacher_hidden, teacher_weight, kl_mask, temperature)
     if labels.device.type == "cpu" and labels.numel():  # cheap on CPU; on GPU a check would sync
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
@@ -711,9 +806,14 @@ def _run(impl, student_hidden, weight, labels, teacher_hidden, teacher_weight, a
             raise ValueError(f"labels must be in [0, {weight.shape[0]}) or ignore_index={ignore_index}")
     h_t = teacher_hidden.detach() if teacher_hidden is not None else None
     w_t = teacher_weight.detach() if teacher_weight is not None else None
-    loss, ce, kl = _LinearDistillFunction.apply(
-        student_hidden, weight, labels, h_t, w_t, kl_mask, float(alpha), float(temperature),
-        int(ignore_index), impl, token_chunk, vocab_block)
+    if impl == "triton_tiled":
+        loss, ce, kl = _TiledDistillFunction.apply(
+            student_hidden, weight, labels, h_t, w_t, kl_mask, float(alpha), float(temperature),
+            int(ignore_index), vocab_splits)
+    else:
+        loss, ce, kl = _LinearDistillFunction.apply(
+            student_hidden, weight, labels, h_t, w_t, kl_mask, float(alpha), float(temperature),
+            int(ignore_index), impl, token_chunk, vocab_block)
     if return_parts:
         return loss, ce.detach(), kl.detach()
     return loss
@@ -725,7 +825,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, weight: torch.Tensor
                               temperature: float = 1.0, ignore_index: int = -100,
                               kl_mask: Optional[torch.Tensor] = None, return_parts: bool = False,
                               backend: str = "auto", token_chunk: Optional[int] = None,
-                              vocab_block: Optional[int] = None):
+                              vocab_block: Optional[int] = None, vocab_splits: Optional[int] = None):
     """(1 - alpha) * CE + alpha * KL(softmax(z_t / T) || softmax(z_s)) from hidden states; float32
     scalar (or (loss, ce, kl) with return_parts, ce and kl detached).
 
@@ -734,18 +834,26 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, weight: torch.Tensor
     no CE), teacher_hidden [N, d] or None (pure fused linear CE, alpha ignored), teacher_weight
     [V, d] or None (= weight), kl_mask [N] bool (rows counted in KL; default all). CE is a mean
     over non-ignored rows, KL a mean over counted rows; an empty set contributes 0.
-    backend: "auto" (Triton when use_triton(...) else torch) | "triton" | "torch".
-    token_chunk / vocab_block override plan_chunks (tests, tuning). Never allocates N x V.
+    backend: "auto" (Triton when use_triton(...) else torch) | "triton" (chunked: cuBLAS logits of
+    a token chunk + Triton row kernel) | "triton_tiled" (fully fused tiles, no logits in HBM) |
+    "torch". token_chunk / vocab_block override plan_chunks (chunked backends; ignored by
+    "triton_tiled"); vocab_splits sets the vocabulary splits of the "triton_tiled" forward
+    (default ``default_vocab_splits``). Never allocates N x V.
     """
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     tensors = [t for t in (student_hidden, weight, teacher_hidden, teacher_weight) if t is not None]
     if backend == "auto":
+        # "triton" stays the default until the GPU benchmark (benchmarks/bench_fused_linear_distill_loss.py)
+        # has compared it with "triton_tiled" on an H100; switch here only after measuring.
         backend = "triton" if use_triton(*tensors) else "torch"
-    elif backend == "triton" and not use_triton(*tensors):
-        raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
+    elif backend in ("triton", "triton_tiled") and not use_triton(*tensors):
+        raise ValueError(f"backend={backend!r} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)")
     return _run(backend, student_hidden, weight, labels, teacher_hidden, teacher_weight, alpha,
-                temperature, ignore_index, kl_mask, return_parts, token_chunk, vocab_block)
+                temperature, ignore_index, kl_mask, return_parts, token_chunk, vocab_block, vocab_splits)
+
+
+_BACKENDS = ("auto", "triton", "triton_tiled", "torch")
 
 
 def reference_linear_distill_loss(student_hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

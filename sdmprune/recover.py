@@ -874,8 +874,26 @@ def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
     return out, tokens
 
 
+def _drop_gguf_marker(model) -> None:
+    """A .gguf model is dequantized on load, but transformers keeps its GGUF quantizer attached and
+    then refuses save_pretrained; the weights are plain tensors, so drop the marker."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is not None and "gguf" in str(getattr(method, "value", method)).lower():
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # a read-only property in some versions
+                pass
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg: FinetuneConfig) -> None:
     from .save import atomic_output_dir, write_json_atomic
+
+    _drop_gguf_marker(model)
 
     with atomic_output_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         tmp = Path(tmp)

@@ -41,13 +41,13 @@ def normalize_keep(keep: KeepLike, width: int, where: str = "") -> torch.Tensor:
     """``keep`` as a sorted, duplicate-free CPU int64 tensor of channels in [0, width); InputError otherwise."""
     where = f"{where}: " if where else ""
     t = torch.as_tensor(keep)
+    if t.numel() == 0:
+        raise InputError(f"{where}keep is empty: at least one channel must be kept")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise InputError(f"{where}keep must hold integer channel indices, got dtype {t.dtype}")
     t = t.detach().to("cpu", torch.int64).reshape(-1) if t.dim() <= 1 else None
     if t is None:
         raise InputError(f"{where}keep must be 1-D")
-    if t.numel() == 0:
-        raise InputError(f"{where}keep is empty: at least one channel must be kept")
     t = torch.sort(t).values
     if int(t[0]) < 0 or int(t[-1]) >= width:
         raise InputError(f"{where}keep has channel indices outside [0, {width}) (min {int(t[0])}, max {int(t[-1])})")

