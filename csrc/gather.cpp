@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "sdmprune.h"
 
@@ -161,7 +162,7 @@ at::Tensor gather_rows_cpu(at::Tensor w, const at::Tensor& idx, int64_t scratch_
   const int64_t rb = C * static_cast<int64_t>(w.element_size());
   std::vector<Wave> plan = plan_gather_rows(p, k, rb, scratch_bytes);
   char* base = static_cast<char*>(w.data_ptr());
-  std::vector<char> scratch(static_cast<size_t>(plan_scratch_bytes(plan, rb)));
+  std::unique_ptr<char[]> scratch(new char[static_cast<size_t>(std::max<int64_t>(1, plan_scratch_bytes(plan, rb)))]);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, rb));
   for (const Wave& wv : plan) {
     if (wv.direct) {
@@ -169,7 +170,7 @@ at::Tensor gather_rows_cpu(at::Tensor w, const at::Tensor& idx, int64_t scratch_
         for (int64_t i = i0; i < i1; ++i) std::memcpy(base + i * rb, base + p[i] * rb, rb);
       });
     } else {
-      char* buf = scratch.data();
+      char* buf = scratch.get();
       at::parallel_for(wv.begin, wv.end, grain, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) std::memcpy(buf + (i - wv.begin) * rb, base + p[i] * rb, rb);
       });
@@ -185,14 +186,16 @@ at::Tensor gather_cols_cpu(at::Tensor w, const at::Tensor& idx, int64_t scratch_
   const int64_t* p = host.data_ptr<int64_t>();
   const int64_t es = static_cast<int64_t>(w.element_size());
   std::vector<Wave> plan = plan_gather_cols(p, k, R, C, k * es, scratch_bytes);
-  std::vector<char> scratch(static_cast<size_t>(plan_scratch_bytes(plan, k * es)));
+  std::unique_ptr<char[]> holder(new char[static_cast<size_t>(std::max<int64_t>(1, plan_scratch_bytes(plan, k * es)))]);
+  // operator new[] returns memory aligned for any fundamental type (>= 16 bytes on x86-64/aarch64).
+  char* scratch = holder.get();
   char* base = static_cast<char*>(w.data_ptr());
   switch (es) {  // a byte move: any dtype, dispatched on its element size only
-    case 1: run_cols_plan<uint8_t>(base, plan, p, k, C, scratch.data()); break;
-    case 2: run_cols_plan<uint16_t>(base, plan, p, k, C, scratch.data()); break;
-    case 4: run_cols_plan<uint32_t>(base, plan, p, k, C, scratch.data()); break;
-    case 8: run_cols_plan<uint64_t>(base, plan, p, k, C, scratch.data()); break;
-    case 16: run_cols_plan<Bytes16>(base, plan, p, k, C, scratch.data()); break;
+    case 1: run_cols_plan<uint8_t>(base, plan, p, k, C, scratch); break;
+    case 2: run_cols_plan<uint16_t>(base, plan, p, k, C, scratch); break;
+    case 4: run_cols_plan<uint32_t>(base, plan, p, k, C, scratch); break;
+    case 8: run_cols_plan<uint64_t>(base, plan, p, k, C, scratch); break;
+    case 16: run_cols_plan<Bytes16>(base, plan, p, k, C, scratch); break;
     default: TORCH_CHECK(false, "gather_cols_: unsupported element size ", es);
   }
   return w.as_strided({R, k}, {k, 1}, w.storage_offset());
@@ -232,6 +235,25 @@ at::Tensor cols_meta_entry(at::Tensor& w, const at::Tensor& idx, int64_t) {
   const int64_t k = idx.numel(), R = w.size(0);
   return w.as_strided({R, k}, {k, 1}, w.storage_offset());
 }
+// Autograd key: the ops move bytes under autograd's feet, so they refuse a tensor that requires
+// grad while grad mode is on (use param.data or torch.no_grad()), and bump w's version counter so a
+// graph that saved w fails loudly in backward instead of using moved data.
+template <const char* kName>
+at::Tensor autograd_entry(at::Tensor& w, const at::Tensor& idx, int64_t scratch_bytes) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && w.requires_grad()), kName,
+              ": w requires grad; call it on w.detach() / param.data or under torch.no_grad()");
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(kName + 0, "").typed<at::Tensor(
+      at::Tensor&, const at::Tensor&, int64_t)>();
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(w, idx, scratch_bytes);
+  }
+  w.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+constexpr char kRowsName[] = "sdmprune::gather_rows_";
+constexpr char kColsName[] = "sdmprune::gather_cols_";
 }  // namespace
 
 TORCH_LIBRARY(sdmprune, m) {
@@ -247,4 +269,9 @@ TORCH_LIBRARY_IMPL(sdmprune, CPU, m) {
 TORCH_LIBRARY_IMPL(sdmprune, Meta, m) {
   m.impl("gather_rows_", &rows_meta_entry);
   m.impl("gather_cols_", &cols_meta_entry);
+}
+
+TORCH_LIBRARY_IMPL(sdmprune, Autograd, m) {
+  m.impl("gather_rows_", &autograd_entry<kRowsName>);
+  m.impl("gather_cols_", &autograd_entry<kColsName>);
 }

@@ -30,11 +30,13 @@ _LAZY = {
     "prune_mlp_": "sdmprune.slicing",
     "prune_model_": "sdmprune.slicing",
     "save_pruned": "sdmprune.save",
+    "load_pruned": "sdmprune.save",
     # evaluation
     "evaluate_perplexity": "sdmprune.evaluate",
     # recovery
     "FinetuneConfig": "sdmprune.recover",
     "finetune": "sdmprune.recover",
+    "recover_masked_": "sdmprune.recover",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -30,9 +30,13 @@ class ModelSource:
     gguf_file: Optional[str] = None
     kind: str = "hf"  # hf | gguf
     config: object = None
+    local_only: bool = False  # a hub id served from the local cache (no network)
 
     def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        out = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.local_only:
+            out["local_files_only"] = True
+        return out
 
     def describe(self) -> str:
         return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
@@ -91,6 +95,15 @@ def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
             raise InputError(f"model path {spec!r} does not exist")
         else:
             src = ModelSource(spec, spec)
+            from .data import _network_ok
+
+            if not _network_ok():  # fail fast instead of waiting for hub retries/timeouts
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+                    raise InputError(f"cannot load model {spec!r}: not a local directory, no network to reach the "
+                                     "Hugging Face hub, and not in the local cache")
+                src.local_only = True
     if src.kind == "gguf":
         _require("gguf", "loading a .gguf model")
         _require("accelerate", "loading a .gguf model")
@@ -138,6 +151,8 @@ def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = 
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, **src.kwargs())
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the weights of {src.spec!r}: {str(exc).splitlines()[0]}") from exc
+    if src.kind == "gguf":
+        _drop_gguf_quantizer(model)
     model.to(dev).eval()
     tokenizer = None
     try:
@@ -146,3 +161,15 @@ def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = 
         if need_tokenizer:
             raise InputError(f"model {src.spec!r} has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
     return model, tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """GGUF weights are dequantized on load (plain tensors in ``dtype``), but transformers keeps a
+    GGUF quantizer on the model that makes ``save_pretrained`` refuse. Drop it so the pruned
+    model saves as an ordinary checkpoint that plain ``from_pretrained`` loads."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config

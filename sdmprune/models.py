@@ -61,6 +61,14 @@ class GatedMLP:
         return self.gate.in_features
 
 
+def base_linear(module: nn.Module) -> Optional[nn.Linear]:
+    """The nn.Linear itself, or the base layer of a wrapper around one (peft LoRA); else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Linear) else None
+
+
 class LlamaFamilyAdapter:
     """Adapter for decoder-only models laid out like LlamaForCausalLM."""
 
@@ -72,7 +80,7 @@ class LlamaFamilyAdapter:
         if layers is None or len(layers) == 0:
             return False
         mlp = getattr(layers[0], "mlp", None)
-        return mlp is not None and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in self.mlp_names)
+        return mlp is not None and all(base_linear(getattr(mlp, n, None)) is not None for n in self.mlp_names)
 
     def body(self, model: nn.Module) -> nn.Module:
         """The decoder stack whose output is the final (normed) hidden state [B, L, d]."""
@@ -95,7 +103,8 @@ class LlamaFamilyAdapter:
         out = []
         for i, layer in enumerate(self.decoder_layers(model)):
             mlp = layer.mlp
-            gate, up, down = (getattr(mlp, n) for n in self.mlp_names)
+            # the base nn.Linear of each projection (a peft LoRA wrapper is looked through)
+            gate, up, down = (base_linear(getattr(mlp, n)) for n in self.mlp_names)
             if gate.out_features != up.out_features or down.in_features != gate.out_features:
                 raise UnsupportedModelError(f"layer {i}: gate/up/down widths disagree")
             out.append(GatedMLP(i, mlp, gate, up, down, act))

@@ -39,6 +39,9 @@ def _ext():
     return _C
 
 
+_ext()  # load the extension now, so torch.ops.sdmprune.* exist once sdmprune.ops is imported
+
+
 def extension_available(device: Optional[torch.device] = None) -> bool:
     """True when the compiled op is used for tensors on ``device`` (default: CPU)."""
     ext = _ext()

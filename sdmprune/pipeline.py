@@ -747,6 +747,14 @@ def run(args) -> int:
         if args.save_scores:
             _save_scores(args.save_scores, result)
         say(f"saved {out}" + (f" and {args.save_scores}" if args.save_scores else ""))
+        line = (f"summary: parameters {st['params_before']:,} -> {st['params_after']:,} "
+                f"({1 - st['params_after'] / st['params_before']:.2%} removed; MLP width {plan.original_width} -> "
+                f"{result.width})")
+        if eval_spec is not None:
+            ev = report["eval"]
+            line += (f"; perplexity {ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f} on "
+                     f"{eval_spec.describe()} ({ev['after']['windows']} windows of {ev_len} tokens)")
+        say(line)
         if use_ckpt and os.path.isdir(work):
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"out": out, "params_before": st["params_before"], "params_after": st["params_after"],

@@ -68,6 +68,10 @@ EFFECTIVE_BATCH = 16
 CHECKPOINT_FILE = "state.pt"
 REPORT_FILE = "sdmprune.json"
 
+# Backend of the fused loss ("auto": Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1).
+# Tests of the training loop pin "torch": the interpreter is for the kernel's own tests.
+LOSS_BACKEND = "auto"
+
 # Test hook: called as hook(model) in recover_masked_ after training, before the merge (masks and
 # adapters still on), so tests can record the masked student's outputs.
 _before_merge_hook: Optional[Callable] = None
@@ -203,10 +207,6 @@ def _model_dir_report(spec) -> Optional[dict]:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return {"unreadable": str(f)}
-
-
-def _widths(model) -> List[int]:
-    return [m.width for m in find_gated_mlps(model)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +451,7 @@ class _Trainer:
             loss, ce, kl = self.fused(
                 h, self.head.weight, tgt[sel].to(self.device), h_t, teacher_weight=w_t,
                 alpha=(w_kl / scale) if distill else 0.0, temperature=cfg.temperature,
-                kl_mask=klm[sel].to(self.device) if distill else None, return_parts=True)
+                kl_mask=klm[sel].to(self.device) if distill else None, return_parts=True, backend=LOSS_BACKEND)
             (loss * scale).backward()
             loss_sum += float(loss.detach()) * scale
             ce_sum += float(ce) * (m_ce / n_ce if n_ce else 0.0)
@@ -758,8 +758,6 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     if cfg.distill and teacher_model is None and t_src is not None:
         teacher_model, _ = load_model(str(cfg.teacher), dtype=dtype, device=device, source=t_src)
     if teacher_model is not None:
-        if _widths(teacher_model) == _widths(model) and base_report is None:
-            pass  # an unpruned pair is allowed (distilling a fine-tune back towards its origin)
         for p in teacher_model.parameters():
             p.requires_grad_(False)
         teacher_model.eval()
@@ -856,7 +854,7 @@ def perplexity(model, adapter, tokens: torch.Tensor, seq_len: int, max_windows: 
         for x in tokens[: n * seq_len].view(n, seq_len):
             x = x[None].to(w.device)
             h = body(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
-            nll += float(fused(h, w, x[0, 1:], None)) * (seq_len - 1)
+            nll += float(fused(h, w, x[0, 1:], None, backend=LOSS_BACKEND)) * (seq_len - 1)
     finally:
         model.train(was_training)
     mean = nll / (n * (seq_len - 1))

