@@ -12,7 +12,8 @@ Memory: the extension moves bytes inside w's storage; its only extra memory is a
 at most ``max(scratch_bytes, one output row)`` bytes (default ``DEFAULT_SCRATCH_BYTES`` = 8 MiB),
 allocated only when the wave plan needs it, plus a host copy of idx (validation and planning; on CUDA
 that copy synchronises). The storage keeps its size: everything past the returned view is stale.
-w is modified in place, so pass ``param.data`` (autograd does not see the op).
+w is modified in place: a w that requires grad is refused while grad mode is on (pass ``param.data``
+or use ``torch.no_grad()``), and w's version counter is bumped, so a graph that saved w fails loudly.
 
 Fallback (extension not built, e.g. ``SDMPRUNE_SKIP_EXT=1`` at install, or a CUDA tensor with a
 CPU-only build): the same checks and the same result in the same storage, but computed through
@@ -65,6 +66,10 @@ def _check(w: torch.Tensor, idx: torch.Tensor, dim: int, op: str) -> None:
         raise RuntimeError(f"{op}: idx must be int64 (torch.long), got {idx.dtype}")
     if idx.dim() != 1:
         raise RuntimeError(f"{op}: idx must be 1-D, got a {idx.dim()}-D tensor")
+    if torch.is_grad_enabled() and w.requires_grad:
+        raise RuntimeError(
+            f"sdmprune::{op}: w requires grad; call it on w.detach() / param.data or under torch.no_grad()"
+        )
     if idx.device != w.device:
         raise RuntimeError(f"{op}: device mismatch: idx is on {idx.device} but w is on {w.device}")
     if idx.numel() == 0:

@@ -757,10 +757,11 @@ def run(args) -> int:
         say(line)
         if use_ckpt and os.path.isdir(work):
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"out": out, "params_before": st["params_before"], "params_after": st["params_after"],
-                      "width": result.width,
-                      **({"ppl_before": report["eval"]["before"]["perplexity"],
-                          "ppl_after": report["eval"]["after"]["perplexity"]} if eval_spec is not None else {})}))
+    if main:  # the machine-readable result line (stdout)
+        print(json.dumps({"out": out, "params_before": st["params_before"], "params_after": st["params_after"],
+                          "width": result.width,
+                          **({"ppl_before": report["eval"]["before"]["perplexity"],
+                              "ppl_after": report["eval"]["after"]["perplexity"]} if eval_spec is not None else {})}))
     return 0
 
 

@@ -27,7 +27,7 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=dtype)
     return model.eval()
 
 

@@ -180,3 +180,27 @@ def test_perplexity_fused_matches_logits(family):
     assert float(evaluate_perplexity(model, stream, seq_len=24, max_windows=2)) != float(fused)
     with pytest.raises(InputError):
         evaluate_perplexity(model, stream[:10], seq_len=24)
+
+
+def _gloo_worker(rank, world, path, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        scores = {0: torch.full((3,), float(rank + 1), dtype=torch.bfloat16), 2: torch.arange(2.0) * (rank + 1)}
+        dist.all_reduce_scores_(scores)
+        torch.save({"rank": dist.rank(), "world": dist.world_size(), "main": dist.is_main_process(),
+                    "shard": dist.shard_indices(5), "scores": scores}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_helpers_under_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "r")), nprocs=2, join=True)
+    got = [torch.load(f"{tmp_path / 'r'}.{r}") for r in range(2)]
+    assert [g["shard"] for g in got] == [[0, 2, 4], [1, 3]]
+    assert [g["main"] for g in got] == [True, False] and all(g["world"] == 2 for g in got)
+    for g in got:
+        assert g["scores"][0].dtype == torch.float32 and torch.equal(g["scores"][0], torch.full((3,), 3.0))
+        assert torch.equal(g["scores"][2], torch.arange(2.0) * 3)

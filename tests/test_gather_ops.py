@@ -125,6 +125,48 @@ def test_wave_plans_cover_units_and_bound_scratch():
     assert _C.plan_rows(torch.arange(5), 8) == [] and _C.plan_cols(torch.arange(5), 3, 5, 10) == []
 
 
+def _execute_plan_adversarially(flat, plan, src_of, dst_of):
+    """Run a wave plan on a flat buffer the way a GPU may: within a direct wave, units go in REVERSE
+    order reading the live buffer (any overlap of one unit's write with another unit's read of the
+    same wave would corrupt the result); a scratch wave reads everything, then writes."""
+    for b, e, direct in plan:
+        units = range(b, e)
+        if direct:
+            for u in reversed(units):
+                flat[dst_of(u)] = flat[src_of(u)].clone()
+        else:
+            scratch = [flat[src_of(u)].clone() for u in units]
+            for u, val in zip(units, scratch):
+                flat[dst_of(u)] = val
+
+
+@needs_ext
+@pytest.mark.parametrize("budget", [0, 40, 400, -1])
+def test_plans_are_safe_in_any_order_within_a_wave(budget):
+    """The CUDA path runs each wave's units in parallel in no fixed order; emulate the worst order."""
+    from sdmprune import _C
+
+    gen = torch.Generator().manual_seed(budget + 7)
+    R, C = 61, 47
+    for trial in range(6):
+        w = torch.randn(R * C, generator=gen)
+        keep = torch.randperm(R, generator=gen)[: int(torch.randint(1, R + 1, (1,), generator=gen))].sort().values
+        ref = w.view(R, C).index_select(0, keep).reshape(-1)
+        flat = w.clone()
+        plan = _C.plan_rows(keep, C * 4, budget)
+        _execute_plan_adversarially(flat, plan, lambda i: slice(int(keep[i]) * C, int(keep[i]) * C + C),
+                                    lambda i: slice(i * C, i * C + C))
+        assert torch.equal(flat[: ref.numel()], ref)
+
+        cols = torch.randperm(C, generator=gen)[: int(torch.randint(1, C + 1, (1,), generator=gen))].sort().values
+        k = cols.numel()
+        ref = w.view(R, C).index_select(1, cols).reshape(-1)
+        flat = w.clone()
+        plan = _C.plan_cols(cols, R, C, k * 4, budget)
+        _execute_plan_adversarially(flat, plan, lambda r: r * C + cols, lambda r: slice(r * k, r * k + k))
+        assert torch.equal(flat[: ref.numel()], ref)
+
+
 @needs_ext
 def test_torch_ops_and_pybind_paths():
     from sdmprune import _C
@@ -180,6 +222,28 @@ def test_bad_input_raises(monkeypatch, path, fn, make, msg):
     with pytest.raises(RuntimeError, match=msg):
         getattr(ops, fn)(w, idx)
     assert torch.equal(w, before)  # checked before anything moves
+
+
+@pytest.mark.parametrize("path", ["extension", "fallback"])
+def test_autograd_safety(monkeypatch, path):
+    """A w that requires grad is refused under grad mode; the version counter is bumped."""
+    if path == "extension" and not ops.extension_available():
+        pytest.skip("sdmprune._C not built")
+    if path == "fallback":
+        _fallback(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    with pytest.raises(RuntimeError, match="w requires grad"):
+        ops.gather_rows_(p, torch.tensor([1, 2]))
+    x = torch.randn(6, 5, requires_grad=True)
+    y = x * 1
+    z = (y * y).sum()
+    version = y._version
+    ops.gather_cols_(y.detach(), torch.tensor([0, 3]))
+    assert y._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    with torch.no_grad():
+        assert ops.gather_rows_(p, torch.tensor([4])).shape == (1, 5)
 
 
 @needs_ext
