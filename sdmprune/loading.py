@@ -152,7 +152,7 @@ def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = 
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load the weights of {src.spec!r}: {str(exc).splitlines()[0]}") from exc
     if src.kind == "gguf":
-        _drop_gguf_quantizer(model)
+        drop_gguf_quantizer(model)
     model.to(dev).eval()
     tokenizer = None
     try:
@@ -163,12 +163,20 @@ def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = 
     return model, tokenizer
 
 
-def _drop_gguf_quantizer(model) -> None:
+def drop_gguf_quantizer(model) -> None:
     """GGUF weights are dequantized on load (plain tensors in ``dtype``), but transformers keeps a
     GGUF quantizer on the model that makes ``save_pretrained`` refuse. Drop it so the pruned
-    model saves as an ordinary checkpoint that plain ``from_pretrained`` loads."""
+    model saves as an ordinary checkpoint that plain ``from_pretrained`` loads. No-op for models
+    that were not loaded from GGUF."""
+    q = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
+    if q is None or "gguf" not in str(getattr(method, "value", method)).lower():
+        return
     model.hf_quantizer = None
-    model.is_quantized = False
+    try:
+        model.is_quantized = False
+    except AttributeError:  # a read-only property in some transformers versions
+        pass
     if hasattr(model, "quantization_method"):
         model.quantization_method = None
     if getattr(model.config, "quantization_config", None) is not None:

@@ -18,6 +18,12 @@ else torch. All three select the same channels on the same data up to float ties
 A batch loss is the SUM of per-sample losses (the Taylor abs is per sample): with equal window
 lengths that is the batch-mean loss times B. Under torch.distributed every rank takes a disjoint
 shard of the samples, and the float32 scores are all-reduced before any ranking.
+
+Scale-out options of the same path (issue #10), for sdmprune/taylor with the fused or torch engine:
+``shard="fsdp"`` wraps the decoder layers with FSDP2 over the initialized process group (each rank
+holds 1/N of the layers; the pruned model comes back unsharded, full weights on the CPU, on every
+rank); ``offload="cpu"`` keeps the decoder layers in host memory and streams them through two
+buffers on ``offload_device`` (sdmprune.offload; the model comes back on the CPU).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Optional
@@ -76,6 +83,10 @@ class PruneConfig:
     recover_steps: int = 0
     recover_data: Any = None
     recover_config: Any = None  # sdmprune.recover.FinetuneConfig (None = its defaults)
+    # scale-out (sdmprune.sharding / sdmprune.offload); both need method sdmprune/taylor, engine fused/torch
+    shard: Optional[str] = None  # "fsdp": FSDP2-shard the decoder layers (needs an initialized process group)
+    offload: Optional[str] = None  # "cpu": decoder layers in host memory, streamed to offload_device
+    offload_device: Optional[str] = None  # where offloaded layers run (None: cuda if available, else cpu)
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
@@ -100,6 +111,24 @@ class PruneConfig:
             raise InputError(f"round_to {self.round_to} must be a positive integer")
         if self.checkpoint_every < 1:
             raise InputError("checkpoint_every must be at least 1")
+        if self.shard not in (None, "fsdp"):
+            raise InputError(f"shard {self.shard!r} is not supported (supported: fsdp)")
+        if self.offload not in (None, "cpu"):
+            raise InputError(f"offload {self.offload!r} is not supported (supported: cpu)")
+        if self.shard or self.offload:
+            flag = "--shard fsdp" if self.shard else "--offload cpu"
+            if self.method not in GRADIENT_METHODS or self.engine == "reference":
+                raise InputError(f"{flag} applies to the methods sdmprune/taylor with the fused or torch engine")
+            if self.shard and self.offload:
+                raise InputError("--shard fsdp and --offload cpu cannot be combined")
+            if self.recover_steps:
+                raise InputError(f"recovery (recover_steps) does not run under {flag}; recover the saved model")
+        if self.offload:
+            from .offload import check_offload
+
+            check_offload(self.offload, offload_device(self))
+        elif self.offload_device is not None:
+            raise InputError("offload_device is only used with offload='cpu'")
         return self
 
     def to_dict(self) -> dict:
@@ -258,7 +287,7 @@ class _Checkpoint:
 
 def _rng_state() -> dict:
     out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never start CUDA on a CPU run
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
@@ -298,6 +327,24 @@ def _check_tokens(tokens, model, needed: bool) -> Optional[torch.Tensor]:
     if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
         raise InputError(f"calibration token ids must be in [0, {vocab})")
     return tokens.long().cpu()
+
+
+def offload_device(cfg: PruneConfig) -> torch.device:
+    """The device offloaded layers stream to: ``cfg.offload_device``, else cuda if available, else cpu."""
+    if cfg.offload_device is not None:
+        try:
+            return torch.device(cfg.offload_device)
+        except RuntimeError:
+            raise InputError(f"unknown device {cfg.offload_device!r}") from None
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _shard_device() -> torch.device:
+    """The device FSDP2 shards live on: the current GPU under NCCL, the CPU under gloo."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------- lean engines (fused/torch)
@@ -529,6 +576,45 @@ def _baseline_scores(model, tokens, cfg: PruneConfig, stats: dict) -> Dict[int, 
     return out
 
 
+# ------------------------------------------------------------------------------------ scale-out
+@contextmanager
+def _scale_out(model, cfg: PruneConfig, device: torch.device, stats: dict):
+    """Around the scoring passes: FSDP2-shard (``cfg.shard``) or stream (``cfg.offload``) the decoder
+    layers; afterwards the model is plain again (full weights on the CPU), ready for slicing. A no-op
+    without either option."""
+    if cfg.shard == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .sharding import shard_model, sharded_bytes, unshard_model_
+
+        # the mesh follows the process group's backend (the default mesh would pick CUDA whenever a
+        # GPU exists, even under gloo with --device cpu)
+        shard_model(model, mesh=init_device_mesh(device.type, (dist.world_size(),)))
+        stats["sharded_param_bytes_per_rank"] = sharded_bytes(model)
+        try:
+            yield
+        finally:
+            stats.update(_peak_memory(device))  # the scoring peak, before the layers are gathered for slicing
+            unshard_model_(model)  # collective: every rank gathers full weights on the CPU
+    elif cfg.offload == "cpu":
+        from .offload import stream_layers
+
+        layers = get_adapter(model).decoder_layers(model)
+        home = next(layers[0].parameters()).device
+        streamer = stream_layers(model, device)
+        try:
+            yield
+        finally:
+            stats["offload_stats"] = dict(streamer.stats)
+            stats.update(_peak_memory(device))
+            streamer.remove()  # layers back on their host copies, the rest where it was
+            if home.type != "cpu":  # the layers started on a device: put them back there
+                for layer in layers:
+                    layer.to(home)
+    else:
+        yield
+
+
 # ------------------------------------------------------------------------------------ the entry
 def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[PruneConfig] = None, *,
                 checkpoint_dir: Optional[str] = None, resume: bool = False, tokenizer=None,
@@ -548,9 +634,22 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
             raise TypeError(f"unknown PruneConfig field {k!r}")
         setattr(cfg, k, v)
     cfg.validate()
+    if cfg.shard == "fsdp":
+        from .sharding import _require_process_group
+
+        _require_process_group()  # InputError before any work
     plan = plan_width(model, cfg.ratio, cfg.width, cfg.round_to)
     tokens = _check_tokens(calib_tokens, model, needed=cfg.method in GRADIENT_METHODS + ("wanda-sp",))
-    device = next(model.parameters()).device
+    if tokens is not None:
+        dist.shard_indices(tokens.shape[0])  # more ranks than samples: InputError before anything is written
+    if cfg.shard == "fsdp":
+        device = _shard_device()
+    elif cfg.offload == "cpu":
+        device = offload_device(cfg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = next(model.parameters()).device
     engine, backend = resolve_engine(cfg.engine, device) if cfg.method in GRADIENT_METHODS else ("none", "none")
     if engine == "reference" and checkpoint_dir is not None:
         raise InputError("the reference engine does not checkpoint; use engine 'torch' or 'fused' to resume")
@@ -559,6 +658,8 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {"method": cfg.method, "engine": engine, "backend": backend, "device": str(device),
                    "world_size": dist.world_size(), "time_s": {}, "params_before": count_parameters(model)}
+    if cfg.shard or cfg.offload:
+        stats["shard"], stats["offload"] = cfg.shard, cfg.offload
     t_start = time.perf_counter()
     s1 = keep1 = None
     sliced_to = None
@@ -567,7 +668,9 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
             s1, keep1, scores, keep, sliced_to = _reference_taylor(model, tokens, cfg, plan, stage1_width, stats)
         else:
             ckpt = _Checkpoint(checkpoint_dir, _fingerprint(model, tokens, cfg, engine)) if checkpoint_dir else None
-            s1, keep1, scores, keep = _lean_taylor(model, tokens, cfg, plan, stage1_width, backend, ckpt, resume, stats)
+            with _scale_out(model, cfg, device, stats):
+                s1, keep1, scores, keep = _lean_taylor(model, tokens, cfg, plan, stage1_width, backend, ckpt, resume,
+                                                       stats)
     else:
         scores = _baseline_scores(model, tokens, cfg, stats)
         keep = {k: top_channels(v, plan.width) for k, v in scores.items()}
@@ -595,7 +698,8 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     stats["time_s"]["slice"] = time.perf_counter() - t0
     stats["time_s"]["total"] = time.perf_counter() - t_start
     stats["params_after"] = count_parameters(model)
-    stats.update(_peak_memory(device))
+    if "peak_memory_bytes" not in stats:  # under shard/offload: the scoring peak, recorded by _scale_out
+        stats.update(_peak_memory(device))
     return PruneResult(keep=keep, scores=scores, plan=plan, stage1_keep=keep1, stage1_scores=s1, stats=stats)
 
 
@@ -632,6 +736,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shard", choices=["fsdp"], default=None,
+                   help="FSDP2-shard the decoder layers over the ranks of a torchrun launch (each GPU holds 1/N)")
+    p.add_argument("--offload", choices=["cpu"], default=None,
+                   help="keep the decoder layers in host memory and stream them to --device (small GPUs)")
 
 
 def _versions() -> dict:
@@ -659,11 +767,20 @@ def _validate_args(args):
         raise InputError("--seq-len must be at least 2")
     if args.eval_seq_len is not None and args.eval_seq_len < 2:
         raise InputError("--eval-seq-len must be at least 2")
+    device = _rank_device(resolve_device(args.device))
     cfg = PruneConfig(ratio=args.ratio, width=args.width, alpha=args.alpha, temperature=args.temperature,
                       stage1_keep=args.stage1_keep, method=args.method, engine=args.engine,
                       batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
-                      progress=not args.no_progress).validate()
+                      progress=not args.no_progress, shard=args.shard, offload=args.offload,
+                      offload_device=str(device) if args.offload else None).validate()
+    if cfg.shard == "fsdp":
+        from .sharding import _require_process_group
+
+        _require_process_group()
+    if dist.world_size() > args.samples and cfg.method not in ("magnitude", "random"):
+        raise InputError(f"{dist.world_size()} ranks but only {args.samples} calibration samples "
+                         "(--samples): every rank needs at least one")
     out = os.path.abspath(os.path.expanduser(args.out))
     if os.path.exists(out) and not args.overwrite and not (os.path.isdir(out) and not os.listdir(out)):
         raise InputError(f"output {args.out!r} exists (use --overwrite)")
@@ -671,7 +788,6 @@ def _validate_args(args):
         parent = os.path.dirname(os.path.abspath(args.save_scores)) or "."
         if not os.path.isdir(parent):
             raise InputError(f"--save-scores: directory {parent!r} does not exist")
-    device = resolve_device(args.device)
     calib = resolve_source(args.calib, "calibration") if cfg.method != "magnitude" and cfg.method != "random" else None
     eval_spec = resolve_source(args.eval_ppl, "evaluation") if args.eval_ppl else None
     source = resolve_model(args.model)
@@ -683,7 +799,51 @@ def _validate_args(args):
     return cfg, out, device, calib, eval_spec, source, plan
 
 
+def _rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank uses its own GPU (LOCAL_RANK) when the device is plain ``cuda``."""
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _init_torchrun(device_arg: str) -> bool:
+    """Join the process group of a torchrun launch (WORLD_SIZE > 1) unless one is initialized already:
+    NCCL with each rank on GPU LOCAL_RANK, gloo when the run is on the CPU. True when it initialized."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    from .loading import resolve_device
+
+    device = _rank_device(resolve_device(device_arg))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
+    return True
+
+
+def _eval_streaming(model, cfg: PruneConfig, device: torch.device):
+    """Perplexity under --shard/--offload: the model is in host memory, so stream its layers through
+    the GPU (forward only) instead of evaluating on the CPU. A no-op on the CPU."""
+    if not (cfg.shard or cfg.offload) or device.type != "cuda":
+        return contextlib.nullcontext()
+    from .offload import stream_layers
+
+    return stream_layers(model, device)
+
+
 def run(args) -> int:
+    initialized = _init_torchrun(args.device)
+    try:
+        return _run(args)
+    finally:
+        if initialized:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
     from .data import calibration_windows
     from .evaluate import perplexity_on_source
     from .loading import load_model
@@ -701,8 +861,13 @@ def run(args) -> int:
         + (f"; rounded to a multiple of {plan.rounding['multiple']} (was {plan.rounding['width_before']})"
            if plan.rounding else ""))
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=dtype, device=str(device), source=source)
-    say(f"loaded {source.describe()} ({dtype}, {device}) in {time.perf_counter() - t0:.1f}s")
+    # under --shard/--offload the weights load into host memory: FSDP2 moves 1/N of every layer to the
+    # GPU, the streamer copies layers in as they run
+    where = "cpu" if (cfg.shard or cfg.offload) else str(device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=where, source=source)
+    say(f"loaded {source.describe()} ({dtype}, {where}) in {time.perf_counter() - t0:.1f}s"
+        + (f"; {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+        + (f"; --shard {cfg.shard}" if cfg.shard else "") + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
     report: dict = {"model": args.model, "model_source": source.describe(), "method": cfg.method,
                     "config": cfg.to_dict(), "dtype": dtype, "versions": _versions()}
     tokens = None
@@ -714,9 +879,10 @@ def run(args) -> int:
         say(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.describe()} ({desc['seconds']}s)")
     ev_len = args.eval_seq_len or args.seq_len
     ev_tokens = None
-    if eval_spec is not None:
-        ppl, ev_tokens, ev_desc = perplexity_on_source(model, tokenizer, eval_spec, ev_len, args.eval_windows,
-                                                       seed=args.seed + 1000)
+    if eval_spec is not None:  # every rank (keeps the ranks in step; only rank 0 reports)
+        with _eval_streaming(model, cfg, device):
+            ppl, ev_tokens, ev_desc = perplexity_on_source(model, tokenizer, eval_spec, ev_len, args.eval_windows,
+                                                           seed=args.seed + 1000)
         report["eval"] = {"data": ev_desc, "before": ppl.to_dict()}
         say(f"perplexity before: {float(ppl):.3f} ({eval_spec.describe()}; {ppl.windows} windows of {ev_len}, "
             f"{ppl.backend})")
@@ -728,8 +894,9 @@ def run(args) -> int:
     say(f"pruned: params {st['params_before']:,} -> {st['params_after']:,} "
         f"({1 - st['params_after'] / st['params_before']:.2%} removed) in {st['time_s']['total']:.1f}s, "
         f"engine {st['engine']}")
-    if eval_spec is not None:
-        ppl = perplexity_on_source(model, tokenizer, eval_spec, ev_len, args.eval_windows, tokens=ev_tokens)[0]
+    if eval_spec is not None and main:  # only rank 0 reports it
+        with _eval_streaming(model, cfg, device):
+            ppl = perplexity_on_source(model, tokenizer, eval_spec, ev_len, args.eval_windows, tokens=ev_tokens)[0]
         report["eval"]["after"] = ppl.to_dict()
         say(f"perplexity after: {float(ppl):.3f}")
     report.update({

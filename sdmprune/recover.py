@@ -836,29 +836,13 @@ def _check_teacher_shapes(sc, tc) -> None:
         raise InputError("--teacher is narrower than the model (teacher = the unpruned original)")
 
 
-@torch.no_grad()
-def perplexity(model, adapter, tokens: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> dict:
-    """Perplexity over consecutive windows of ``tokens`` (1-D) with the fused CE (same math as
-    sdmprune.evaluate.evaluate_perplexity, but through an adapter taken before LoRA injection, so
-    it also runs on a LoRA-wrapped model)."""
-    fused = _fused_loss()
-    n = tokens.numel() // seq_len
-    n = min(n, int(max_windows)) if max_windows else n
-    if n < 1:
-        raise InputError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seq_len}")
-    body, w = adapter.body(model), adapter.lm_head(model).weight
-    was_training = model.training
-    model.eval()
-    nll = 0.0
-    try:
-        for x in tokens[: n * seq_len].view(n, seq_len):
-            x = x[None].to(w.device)
-            h = body(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
-            nll += float(fused(h, w, x[0, 1:], None, backend=LOSS_BACKEND)) * (seq_len - 1)
-    finally:
-        model.train(was_training)
-    mean = nll / (n * (seq_len - 1))
-    return {"perplexity": math.exp(mean), "nll": mean, "windows": n, "seq_len": seq_len, "tokens": n * (seq_len - 1)}
+def perplexity(model, tokens: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> dict:
+    """Perplexity over consecutive windows of ``tokens`` (1-D), through the fused CE
+    (sdmprune.evaluate.evaluate_perplexity; it also runs on a LoRA-wrapped model)."""
+    from .evaluate import evaluate_perplexity
+
+    ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, max_windows=max_windows, backend=LOSS_BACKEND)
+    return {"perplexity": float(ppl), "nll": ppl.nll, "windows": ppl.windows, "seq_len": seq_len, "tokens": ppl.tokens}
 
 
 def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
@@ -867,31 +851,16 @@ def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
     if tokens is None:
         tokens, desc = eval_token_stream(cfg.eval_ppl, tokenizer, model=model, max_tokens=cfg.eval_windows * cfg.eval_seq_len,
                                          seq_len=cfg.eval_seq_len)
-    out = perplexity(model, adapter, tokens, cfg.eval_seq_len, cfg.eval_windows)
+    out = perplexity(model, tokens, cfg.eval_seq_len, cfg.eval_windows)
     out["source"] = str(cfg.eval_ppl)
     return out, tokens
 
 
-def _drop_gguf_marker(model) -> None:
-    """A .gguf model is dequantized on load, but transformers keeps its GGUF quantizer attached and
-    then refuses save_pretrained; the weights are plain tensors, so drop the marker."""
-    q = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(q, "quantization_config", None), "quant_method", None)
-    if q is not None and "gguf" in str(getattr(method, "value", method)).lower():
-        model.hf_quantizer = None
-        if hasattr(model, "is_quantized"):
-            try:
-                model.is_quantized = False
-            except AttributeError:  # a read-only property in some versions
-                pass
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
-
 def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg: FinetuneConfig) -> None:
+    from .loading import drop_gguf_quantizer
     from .save import atomic_output_dir, write_json_atomic
 
-    _drop_gguf_marker(model)
+    drop_gguf_quantizer(model)
 
     with atomic_output_dir(out_dir, overwrite=cfg.overwrite) as tmp:
         tmp = Path(tmp)
