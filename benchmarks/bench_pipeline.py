@@ -108,7 +108,8 @@ def worker(args) -> dict:
         "seq_len": args.seq_len, "batch_size": batch, "build_s": round(build_s, 3),
         "stage_s": stage_s, "s_per_sample": scoring_s / n, "tokens_per_s": n * args.seq_len / scoring_s,
         "samples_per_s": n / scoring_s,
-        "peak_memory_gib": (st["peak_memory_bytes"] / GiB) if "peak_memory_bytes" in st else None,
+        # GPU peak only: on the CPU smoke run the pipeline reports process RSS, not comparable
+        "peak_memory_gib": (st["peak_memory_bytes"] / GiB) if device.type == "cuda" else None,
         "predicted_peak_gib": predicted["total"] / GiB, "predicted": predicted,
     }
     if args.save_keep:
@@ -143,6 +144,19 @@ def run_one(args, shape, engine, save_keep=None) -> dict:
     if proc.returncode != 0:
         return {"shape": shape, "engine": engine, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def out_path(out, smoke: bool) -> str:
+    """--out may be a directory (run_gpu.sh passes benchmarks/results) or a .json path. Smoke (CPU)
+    numbers go to pipeline-smoke.json (a temp dir by default), never to the GPU results file."""
+    name = "pipeline-smoke.json" if smoke else "pipeline.json"
+    if out is None:
+        return os.path.join(tempfile.mkdtemp(prefix="sdmprune-bench-"), name) if smoke else os.path.join(RESULTS, name)
+    if out.endswith(".json"):
+        if smoke and os.path.basename(out) == "pipeline.json":
+            out = os.path.join(os.path.dirname(out), name)
+        return out
+    return os.path.join(out, name)
 
 
 def iou(a: dict, b: dict) -> dict:
@@ -186,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-memory", default=None, help="per-GPU budget: the batch size comes from predict_peak_memory")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shape, torch engine, 2 samples")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="results directory (or .json file); default benchmarks/results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1b", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="fused", help=argparse.SUPPRESS)
@@ -198,14 +212,15 @@ def main(argv=None) -> int:
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2
         shapes, engines = ["smoke"], ["torch"]
-        out = args.out or os.path.join(tempfile.mkdtemp(prefix="sdmprune-bench-"), "pipeline.json")
     else:
         if not torch.cuda.is_available():
-            print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured", file=sys.stderr)
+            print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",
+                  file=sys.stderr)
             return 0
         shapes, engines = args.shapes.split(","), args.engines.split(",")
-        out = args.out or os.path.join(RESULTS, "pipeline.json")
-    report = {"versions": versions(), "samples": args.samples, "seq_len": args.seq_len, "runs": []}
+    out = out_path(args.out, args.smoke)
+    report = {"versions": versions(), "smoke": args.smoke, "samples": args.samples, "seq_len": args.seq_len,
+              "runs": []}
     keeps = {}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
@@ -219,7 +234,7 @@ def main(argv=None) -> int:
         if "fused" in keeps and "reference" in keeps:
             report["iou_1b"] = iou(keeps["fused"], keeps["reference"])
     write_results(report, out)
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {out}" + (" (CPU smoke: no GPU numbers)" if args.smoke else ""), file=sys.stderr)
     return 0 if all("error" not in r for r in report["runs"]) else 1
 
 

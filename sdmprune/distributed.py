@@ -63,6 +63,16 @@ def all_reduce_scores_(scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tenso
     return scores
 
 
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (picklable objects, e.g. a CPU token tensor); ``obj`` itself on one
+    process. Collective: every rank must call it."""
+    if not _initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if _initialized() and world_size() > 1:

@@ -115,14 +115,14 @@ class LayerStreamer:
             self._entries.append(entries)
             self._host.append(host)
             self._placeholders.append([self._placeholder(p.dtype, shape) for p, _, _, shape in entries])
+            # drop the original storage now: host memory holds one copy of the layers plus one layer
+            self._set_released(len(self._entries) - 1)
         self._slots = [{dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in sizes.items()} for _ in range(2)]
         self._free_slots = [0, 1]
         self._slot_free_event: List[Optional[object]] = [None, None]
         self._resident: Dict[int, int] = {}  # layer -> slot
         self._pending: Dict[int, tuple] = {}  # layer -> (slot, event or None)
         self._side_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
-        for i in range(self.n):
-            self._set_released(i)
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(partial(self._pre_forward, i), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(partial(self._post_forward, i)))

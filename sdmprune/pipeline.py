@@ -825,8 +825,9 @@ def _init_torchrun(device_arg: str) -> bool:
 
 
 def _eval_streaming(model, cfg: PruneConfig, device: torch.device):
-    """Perplexity under --shard/--offload: the model is in host memory, so stream its layers through
-    the GPU (forward only) instead of evaluating on the CPU. A no-op on the CPU."""
+    """Forward-only work (perplexity, sampling "self" calibration) under --shard/--offload: the model is
+    in host memory, so stream its layers through the GPU instead of running on the CPU. A no-op on
+    the CPU."""
     if not (cfg.shard or cfg.offload) or device.type != "cuda":
         return contextlib.nullcontext()
     from .offload import stream_layers
@@ -867,13 +868,18 @@ def _run(args) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=where, source=source)
     say(f"loaded {source.describe()} ({dtype}, {where}) in {time.perf_counter() - t0:.1f}s"
         + (f"; {dist.world_size()} ranks" if dist.world_size() > 1 else "")
-        + (f"; --shard {cfg.shard}" if cfg.shard else "") + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
+        + (f"; --shard {cfg.shard}" if cfg.shard else "")
+        + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
     report: dict = {"model": args.model, "model_source": source.describe(), "method": cfg.method,
                     "config": cfg.to_dict(), "dtype": dtype, "versions": _versions()}
     tokens = None
     if calib is not None:
         t0 = time.perf_counter()
-        tokens, desc = calibration_windows(calib, tokenizer, args.samples, args.seq_len, seed=args.seed, model=model)
+        with _eval_streaming(model, cfg, device):  # "self" samples from the model: on the GPU under offload
+            tokens, desc = calibration_windows(calib, tokenizer, args.samples, args.seq_len, seed=args.seed,
+                                               model=model)
+        # every rank shards the SAME samples: rank 0's (sampling "self" on different GPUs may differ)
+        tokens = dist.broadcast_from_main(tokens)
         desc["seconds"] = round(time.perf_counter() - t0, 2)
         report["calibration"] = desc
         say(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib.describe()} ({desc['seconds']}s)")

@@ -109,6 +109,12 @@ BAD = {
     "hub id offline": (["prune", "no-such-org/no-such-model", "--out", "{out}", "--ratio", "0.2"],
                        "not a local directory"),
     "c4 offline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--calib", "c4"], "no network"),
+    "shard without torchrun": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--shard", "fsdp"],
+                               "needs an initialized process group"),
+    "offload to meta": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--offload", "cpu",
+                         "--device", "meta"], "is not supported"),
+    "offload baseline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--offload", "cpu",
+                          "--method", "magnitude"], "applies to the methods sdmprune/taylor"),
     "eval tasks without lm-eval": (["eval", "{root}/tiny", "--tasks", "arc_easy"], "pip install sdmprune[eval]"),
 }
 
