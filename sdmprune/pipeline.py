@@ -49,6 +49,7 @@ from . import distributed as dist
 from .errors import InputError, SdmpruneError
 from .models import count_parameters, find_gated_mlps, get_adapter
 from .plan import WidthPlan, plan_width
+from .save import package_versions
 
 METHODS = ("sdmprune", "taylor", "magnitude", "random", "wanda-sp")
 ENGINES = ("auto", "fused", "torch", "reference")
@@ -742,20 +743,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the decoder layers in host memory and stream them to --device (small GPUs)")
 
 
-def _versions() -> dict:
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("sdmprune", "torch", "transformers", "triton", "safetensors"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name)
-        except Exception:
-            pass
-    return out
-
-
 def _validate_args(args):
     """Every check that needs no model weights, before any work."""
     from .data import resolve_source
@@ -871,7 +858,7 @@ def _run(args) -> int:
         + (f"; --shard {cfg.shard}" if cfg.shard else "")
         + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
     report: dict = {"model": args.model, "model_source": source.describe(), "method": cfg.method,
-                    "config": cfg.to_dict(), "dtype": dtype, "versions": _versions()}
+                    "config": cfg.to_dict(), "dtype": dtype, "versions": package_versions()}
     tokens = None
     if calib is not None:
         t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from torch import nn
 
 from .errors import InputError
 from .models import find_gated_mlps, get_adapter
+from .save import package_versions
 from .sft_data import IGNORE_INDEX, Rows, build_rows, check_source, load_records
 
 LORA_TARGETS = {
@@ -676,22 +677,6 @@ def _default_dtype(cfg: FinetuneConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _versions() -> dict:
-    import transformers
-
-    v = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import peft
-
-        v["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    from . import __version__
-
-    v["sdmprune"] = __version__
-    return v
-
-
 def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None, *, tokenizer=None,
              teacher=None) -> dict:
     """Fine-tune a (pruned) model on ``data`` and write it to ``out_dir``; returns the report dict.
@@ -818,7 +803,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
         "data": rows.description, "resumed_from_step": resumed_from,
         "training": stats, "timings": {"load_and_data_seconds": round(load_seconds, 3), "train_seconds": stats["seconds"]},
         "eval_ppl": evals or None,
-        "device": str(device), "versions": _versions(), "pruned_from": base_report,
+        "device": str(device), "versions": package_versions(), "pruned_from": base_report,
     }
     _write_output(model, peft_model, tokenizer, out_dir, report, cfg)
     if ckpt.exists():

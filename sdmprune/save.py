@@ -234,3 +234,17 @@ def load_pruned(path: PathLike, dtype: Optional[torch.dtype] = None, device: Uni
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+def package_versions() -> dict:
+    """Versions of python and the packages a report should record (those installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("sdmprune", "torch", "transformers", "triton", "safetensors", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
