@@ -124,6 +124,15 @@ class PruneConfig:
                 raise InputError("--shard fsdp and --offload cpu cannot be combined")
             if self.recover_steps:
                 raise InputError(f"recovery (recover_steps) does not run under {flag}; recover the saved model")
+        if self.recover_steps:
+            if int(self.recover_steps) < 0:
+                raise InputError(f"recover_steps {self.recover_steps} must be >= 0")
+            if self.recover_data is None:
+                raise InputError("recover_steps needs recover_data (a data source, calibration tokens or rows)")
+            if self.engine == "reference":
+                # the reference engine slices the student after stage 1, so the one-copy recovery would
+                # distill from the stage-1 model instead of the original
+                raise InputError("recover_steps does not run with engine 'reference' (use fused or torch)")
         if self.offload:
             from .offload import check_offload
 
@@ -737,6 +746,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="after selection, N steps of distilled LoRA recovery on the masked model (one weight "
+                        "copy; the adapters are merged before slicing)")
+    p.add_argument("--recover-data", metavar="SRC", default=None,
+                   help="recovery data (instruction .jsonl/.parquet, .txt, or self); default: the calibration windows")
+    p.add_argument("--recover-seq-len", type=int, default=None,
+                   help="recovery sequence length (default: --seq-len)")
+    p.add_argument("--recover-lr", type=float, default=1e-4)
     p.add_argument("--shard", choices=["fsdp"], default=None,
                    help="FSDP2-shard the decoder layers over the ranks of a torchrun launch (each GPU holds 1/N)")
     p.add_argument("--offload", choices=["cpu"], default=None,
@@ -760,7 +777,8 @@ def _validate_args(args):
                       batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
                       progress=not args.no_progress, shard=args.shard, offload=args.offload,
-                      offload_device=str(device) if args.offload else None).validate()
+                      offload_device=str(device) if args.offload else None,
+                      **_recovery_options(args)).validate()
     if cfg.shard == "fsdp":
         from .sharding import _require_process_group
 
@@ -784,6 +802,27 @@ def _validate_args(args):
     if cfg.method in GRADIENT_METHODS:
         resolve_engine(cfg.engine, device)
     return cfg, out, device, calib, eval_spec, source, plan
+
+
+def _recovery_options(args) -> dict:
+    """PruneConfig fields for ``--recover-steps`` (recovery data defaults to the calibration windows,
+    filled in once they exist)."""
+    steps = int(getattr(args, "recover_steps", 0) or 0)
+    if steps <= 0:
+        if steps < 0:
+            raise InputError(f"--recover-steps {steps} must be >= 0")
+        return {}
+    from .recover import FinetuneConfig
+
+    data = args.recover_data
+    if data is None and args.method in ("magnitude", "random"):
+        raise InputError(f"--recover-steps with method {args.method!r} needs --recover-data (it has no calibration data)")
+    if data is not None and data != "self" and not os.path.exists(data):
+        raise InputError(f"--recover-data {data!r}: no such file or directory")
+    rcfg = FinetuneConfig(lr=args.recover_lr, seq_len=args.recover_seq_len or args.seq_len, seed=args.seed,
+                          progress=not args.no_progress)
+    return {"recover_steps": steps, "recover_data": data if data is not None else "calibration",
+            "recover_config": rcfg}
 
 
 def _rank_device(device: torch.device) -> torch.device:
@@ -879,6 +918,8 @@ def _run(args) -> int:
         report["eval"] = {"data": ev_desc, "before": ppl.to_dict()}
         say(f"perplexity before: {float(ppl):.3f} ({eval_spec.describe()}; {ppl.windows} windows of {ev_len}, "
             f"{ppl.backend})")
+    if cfg.recover_data == "calibration":  # --recover-steps without --recover-data: the calibration windows
+        cfg.recover_data = tokens
     work = args.work_dir or out.rstrip(os.sep) + ".sdmprune-work"
     use_ckpt = cfg.method in GRADIENT_METHODS and cfg.engine != "reference"
     result = prune_model(model, tokens, cfg, checkpoint_dir=work if use_ckpt else None, resume=args.resume,

@@ -115,6 +115,12 @@ BAD = {
                          "--device", "meta"], "is not supported"),
     "offload baseline": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--offload", "cpu",
                           "--method", "magnitude"], "applies to the methods sdmprune/taylor"),
+    "recover without data (magnitude)": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--method",
+                                          "magnitude", "--recover-steps", "2"], "needs --recover-data"),
+    "recover data missing": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--recover-steps", "2",
+                              "--recover-data", "{root}/nope.jsonl"], "no such file"),
+    "recover with reference engine": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--engine",
+                                       "reference", "--recover-steps", "2"], "does not run with engine 'reference'"),
     "eval tasks without lm-eval": (["eval", "{root}/tiny", "--tasks", "arc_easy"], "pip install sdmprune[eval]"),
 }
 
@@ -141,3 +147,27 @@ def test_existing_output_needs_overwrite(files, tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     code, cap = run_cli(["prune", files / "tiny", "--out", out, "--width", 100, "--method", "random"], capsys)
     assert code == 2 and "--overwrite" in cap.err and (out / "keep.txt").read_text() == "x"
+
+
+def test_prune_with_one_copy_recovery(files, tmp_path, capsys, monkeypatch):
+    """--recover-steps: LoRA recovery of the masked model on the calibration windows, merged, then sliced;
+    the output is a plain HF model whose weights moved away from the unrecovered prune's."""
+    import sdmprune.recover as recover
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(recover, "LOSS_BACKEND", "torch")
+    common = ["prune", files / "tiny", "--ratio", 0.2, "--calib", files / "calib.txt", "--samples", 2,
+              "--seq-len", 16, "--engine", "torch", "--no-progress"]
+    code, cap = run_cli(common + ["--out", tmp_path / "plain"], capsys)
+    assert code == 0, cap.err
+    code, cap = run_cli(common + ["--out", tmp_path / "rec", "--recover-steps", 2, "--recover-lr", 1e-2], capsys)
+    assert code == 0, cap.err
+    plain = json.loads((tmp_path / "plain" / "sdmprune.json").read_text())
+    rec = json.loads((tmp_path / "rec" / "sdmprune.json").read_text())
+    assert rec["kept_indices"] == plain["kept_indices"]  # recovery comes after selection
+    assert rec["stats"]["recover"]["steps"] == 2 and rec["stats"]["recover"]["base_storage_unchanged"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "rec")
+    assert b.config.intermediate_size == a.config.intermediate_size
+    moved = (a.model.layers[0].mlp.down_proj.weight - b.model.layers[0].mlp.down_proj.weight).abs().max()
+    assert moved > 0
