@@ -180,8 +180,11 @@ def run_all(layers: int = 4) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4, help="real-shape MLP layers for the peak-memory model")
-    p.add_argument("--out", default=DEFAULT_OUT, help="results JSON (written only when run on a GPU)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="results JSON, or a directory for gather.json (written only when run on a GPU)")
     args = p.parse_args(argv)
+    if os.path.isdir(args.out):
+        args.out = os.path.join(args.out, "gather.json")
     ok, why = _gpu_ready()
     if not ok:
         print(f"bench_gather: skipped ({why}); {args.out} not written")
