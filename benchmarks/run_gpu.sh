@@ -30,3 +30,4 @@ if [ "${QUICK:-0}" != "1" ]; then
   done
 fi
 python benchmarks/report.py "$OUT" > benchmarks/RESULTS.md || true
+python benchmarks/report.py --readme || true
