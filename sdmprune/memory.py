@@ -46,8 +46,6 @@ MiB = 1024 ** 2
 # Bytes per CUDA allocator context + cuBLAS workspaces + fragmentation headroom, per GPU.
 RUNTIME_OVERHEAD = 512 * MiB
 # Token x vocabulary tile the fused LM-head loss keeps in float32 (logits, probabilities).
-FUSED_LOSS_TOKEN_CHUNK = 1024
-FUSED_LOSS_VOCAB_CHUNK = 8192
 
 ENGINES = ("fused", "torch", "reference")
 
@@ -202,8 +200,15 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         # student logits (dtype) + float32 log-softmax, teacher float32 softmax, logit gradient
         loss_scratch = T * V * (b + 4 * 4)
     else:
-        chunk = min(T, FUSED_LOSS_TOKEN_CHUNK)
-        loss_scratch = chunk * min(V, FUSED_LOSS_VOCAB_CHUNK) * 4 * 3 + T * 4 * 8
+        # the launcher's own chunk plan (GPU defaults of the backend the engine uses), the gradient of the
+        # student hidden states it holds from forward to backward, and a few float32 per-row statistics
+        import torch
+
+        from sdmprune.kernels.fused_linear_distill_loss import plan_chunks
+
+        tdtype = {2: torch.bfloat16, 4: torch.float32}.get(b, torch.float32)
+        chunks = plan_chunks(T, V, d, tdtype, "cuda", backend="triton" if engine == "fused" else "torch")
+        loss_scratch = chunks.scratch_bytes + T * d * b + T * 4 * 8
 
     scores = n * I * 4
     if engine == "fused":
