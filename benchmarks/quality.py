@@ -115,7 +115,10 @@ def main(argv=None) -> int:
     ev, _ = eval_token_stream(eval_spec, tokenizer, max_tokens=budget)
     print(f"calibration {tuple(calib.shape)}, evaluation {ev.numel()} tokens", file=sys.stderr)
     ppl0 = evaluate_perplexity(base, ev, seq_len=args.eval_seq_len, batch_size=args.eval_batch_size)
-    res = {"args": vars(args), "device": device_name(dev), "dtype": dtype, "versions": versions(),
+    # data paths relative to the repository root, so results read the same on every machine
+    shown = {k: (os.path.relpath(v, ROOT) if k in ("calib", "eval") and os.path.exists(str(v)) else v)
+             for k, v in vars(args).items()}
+    res = {"args": shown, "device": device_name(dev), "dtype": dtype, "versions": versions(),
            "calibration": calib_desc,
            "base": {"params": count_parameters(base), **ppl0.to_dict()}, "runs": []}
     print(f"unpruned perplexity {float(ppl0):.3f}", file=sys.stderr)

@@ -16,6 +16,7 @@ benchmarks/results/recovery_quality.json and .md (measured numbers only).
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -108,6 +109,11 @@ def main(argv=None):
         "evaluation": f"{args.windows} windows x {args.eval_len} tokens of {args.eval}",
         "load_seconds": t_load, "rows": rows,
     }
+    # paths relative to the repository root, so results read the same on every machine
+    rel = lambda path: os.path.relpath(path, ROOT)  # noqa: E731
+    result["calibration"] = f"{args.calib} x {args.calib_len} tokens of {rel(args.train)}"
+    result["recovery"]["data"] = rel(args.train)
+    result["evaluation"] = f"{args.windows} windows x {args.eval_len} tokens of {rel(args.eval)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recovery_quality.json").write_text(json.dumps(result, indent=2))
