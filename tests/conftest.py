@@ -31,6 +31,20 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype=torch.float32, **kw):
     return model.eval()
 
 
+def make_byte_tokenizer():
+    """A byte-level tokenizer built offline (256 byte tokens + <s> + </s>, no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture
 def seed_all():
     torch.manual_seed(1234)

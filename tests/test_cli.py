@@ -6,23 +6,10 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import make_byte_tokenizer, tiny_model
 from sdmprune.cli import main
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 12
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +18,7 @@ def files(tmp_path_factory):
     model = tiny_model("llama", seed=11)
     model.config.bos_token_id = 256
     model.save_pretrained(root / "tiny")
-    byte_tokenizer().save_pretrained(root / "tiny")
+    make_byte_tokenizer().save_pretrained(root / "tiny")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(

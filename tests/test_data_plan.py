@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import make_byte_tokenizer, tiny_model
 from sdmprune import distributed as dist
 from sdmprune.data import calibration_windows, eval_token_stream, resolve_source, sample_from_model
 from sdmprune.errors import InputError
@@ -85,17 +85,7 @@ def test_shard_indices_disjoint(monkeypatch):
 # -------------------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    """A byte-level tokenizer built offline (256 byte tokens + <s> + </s>, no merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return make_byte_tokenizer()
 
 
 def test_text_windows_seeded(tmp_path, byte_tokenizer):
