@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh            # everything
 #   QUICK=1 bash benchmarks/run_gpu.sh    # tests + kernel benchmarks only
 # Wheels that are not preinstalled there (liger-kernel for the baseline) are taken from
-# ${WHEELS:-.wheels}/ when present.
+# ${WHEELS:-.wheels}/ when present (git-ignored: name it in the device tool's carry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
