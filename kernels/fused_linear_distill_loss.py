@@ -549,6 +549,17 @@ def _grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if (torch.device(device).type == "cuda" and dtype in _HALF) else torch.float32
 
 
+def _combine_loss(ce_rows, kl_rows, klm, n_ce, n_kl, alpha, has_t, dev):
+    """(loss, ce, kl) float32 scalars from per-row CE/KL: CE mean over counted rows, KL mean over
+    kl_mask rows, loss = (1 - alpha) CE + alpha KL (pure CE without a teacher)."""
+    ce = ce_rows.sum() / n_ce.clamp(min=1.0)
+    if has_t:
+        kl = torch.where(klm, kl_rows, torch.zeros_like(kl_rows)).sum() / n_kl.clamp(min=1.0)
+        return (1.0 - alpha) * ce + alpha * kl, ce, kl
+    kl = torch.zeros((), dtype=torch.float32, device=dev)
+    return ce + 0.0, ce, kl  # a distinct tensor: ce is marked non-differentiable by the callers
+
+
 def plan_chunks(N: int, V: int, d: int, dtype: torch.dtype, device, *, has_teacher: bool = True,
                 need_grad: bool = True, backend: str = "triton", budget_bytes: Optional[int] = None,
                 token_chunk: Optional[int] = None, vocab_block: Optional[int] = None) -> ChunkPlan:
@@ -692,13 +703,7 @@ class _LinearDistillFunction(torch.autograd.Function):
                 grad_w32 += _mm_f32(dz.t(), hs_op)
             del dz
 
-        ce = ce_rows.sum() / n_ce.clamp(min=1.0)
-        if has_t:
-            kl = torch.where(klm, kl_rows, torch.zeros_like(kl_rows)).sum() / n_kl.clamp(min=1.0)
-            loss = (1.0 - alpha) * ce + alpha * kl
-        else:
-            kl = torch.zeros((), dtype=torch.float32, device=dev)
-            loss = ce + 0.0  # a distinct tensor: ce is marked non-differentiable below
+        loss, ce, kl = _combine_loss(ce_rows, kl_rows, klm, n_ce, n_kl, alpha, has_t, dev)
         grad_w = grad_w32.to(w.dtype) if need_w else None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(ce, kl)
@@ -762,13 +767,7 @@ class _TiledDistillFunction(torch.autograd.Function):
         else:
             ce_rows = kl_rows = lse_s = lse_t = torch.zeros(0, dtype=torch.float32, device=dev)
 
-        ce = ce_rows.sum() / n_ce.clamp(min=1.0)
-        if has_t:
-            kl = torch.where(klm, kl_rows, torch.zeros_like(kl_rows)).sum() / n_kl.clamp(min=1.0)
-            loss = (1.0 - alpha) * ce + alpha * kl
-        else:
-            kl = torch.zeros((), dtype=torch.float32, device=dev)
-            loss = ce + 0.0  # a distinct tensor: ce is marked non-differentiable below
+        loss, ce, kl = _combine_loss(ce_rows, kl_rows, klm, n_ce, n_kl, alpha, has_t, dev)
         ctx.shared_w = has_t and w_t is w
         ctx.has_t = has_t
         ctx.inv_T = inv_T
