@@ -35,7 +35,9 @@ def _extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # no -std flag: BuildExtension adds the standard this torch's headers are written for (C++20
+    # from torch 2.10); forcing C++17 compiled them against a different language than libtorch
+    cxx_flags = ["-O3"]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
@@ -47,7 +49,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(here, "csrc")],
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"], "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags + ["-fopenmp"], "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,13 +1,17 @@
 """Scale benchmark of the two-stage prune (issue #7): Llama-3.2-1B and Llama-3.1-8B shapes with
 random bf16 weights built directly on the GPU (meta init -> to_empty -> random init; no download,
-no CPU copy), the reference and fused engines of sdmprune.pipeline, one subprocess per
-(shape, engine) so each peak is clean. Writes s/sample, tokens/s, stage times and peak memory
-(measured, beside predict_peak_memory's prediction) to benchmarks/results/pipeline.json + .md,
-and on the 1B shape the per-layer IoU of the kept channels of fused vs reference on the same samples.
+no CPU copy), the reference and fused engines of sdmprune.pipeline, one subprocess per run so
+each peak is clean. Writes per-stage s/sample, tokens/s and peak memory (measured, beside
+predict_peak_memory's prediction) to benchmarks/results/pipeline.json + .md, and on the 1B shape the
+per-layer IoU of the kept channels of fused vs reference on the same samples.
 
-    python benchmarks/bench_pipeline.py                       # GPU: 1b and 8b, fused and reference
-    python benchmarks/bench_pipeline.py --max-memory 16GiB    # batch size from predict_peak_memory
+    python benchmarks/bench_pipeline.py                       # GPU: the DEFAULT_RUNS below
+    python benchmarks/bench_pipeline.py --runs 8b:fused:mem=16GiB,8b:reference
+    python benchmarks/bench_pipeline.py --max-memory 16GiB    # every run's batch from predict_peak_memory
     python benchmarks/bench_pipeline.py --smoke               # CPU: tiny shape, torch engine, 2 samples
+
+A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:mem=SIZE]: N samples per backward pass, gradient
+checkpointing off, the fused loss's token chunk, or a memory budget that picks the batch.
 """
 from __future__ import annotations
 
@@ -83,30 +87,49 @@ def worker(args) -> dict:
     if args.max_memory:
         budget = parse_size(args.max_memory)
         batch = largest_batch(shape, args.seq_len, budget, dtype=dtype, engine=engine_for_memory,
-                              max_batch=args.samples)
+                              max_batch=args.samples, gradient_checkpointing=not args.no_checkpointing,
+                              loss_token_chunk=args.loss_chunk)
         if batch == 0:
             return {"error": f"does not fit {args.max_memory} at batch 1 (predicted)"}
     if args.engine == "reference":
         batch = 1  # the reference engine runs one sample per backward
-    predicted = predict_peak_memory(shape, args.seq_len, batch, dtype=dtype, engine=engine_for_memory)
+    ckpt = not args.no_checkpointing
+    predicted = predict_peak_memory(shape, args.seq_len, batch, dtype=dtype, engine=engine_for_memory,
+                                    gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk)
+    cfg = PruneConfig(width=width, engine=args.engine, batch_size=batch, gradient_checkpointing=ckpt,
+                      loss_token_chunk=args.loss_chunk, progress=False, seed=0)
+    gen = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, config.vocab_size, (args.samples, args.seq_len), generator=gen)
+    warmup_s = None
+    if device.type == "cuda":
+        # Warm-up outside the measurement: Triton compiles and autotunes (keyed on I and d), cuBLAS
+        # handles, allocator growth. A one-layer model of the same shapes runs one batch per stage,
+        # then is freed (the measured peak is reset inside prune_model).
+        t0 = time.perf_counter()
+        small = build_random_model(type(config)(**{**config.to_dict(), "num_hidden_layers": 1}), device, dtype)
+        prune_model(small, tokens[:batch], cfg)
+        del small
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = build_random_model(config, device, dtype)
     build_s = time.perf_counter() - t0
-    gen = torch.Generator().manual_seed(1234)
-    tokens = torch.randint(0, config.vocab_size, (args.samples, args.seq_len), generator=gen)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    result = prune_model(model, tokens, PruneConfig(width=width, engine=args.engine, batch_size=batch,
-                                                    progress=False, seed=0))
+    result = prune_model(model, tokens, cfg)
     st = result.stats
     n = args.samples
     stage_s = {k: st["time_s"].get(k) for k in ("stage1", "stage2")}
     scoring_s = sum(v for v in stage_s.values() if v)
     out = {
         "shape": shape_name, "engine": st.get("engine"), "backend": st.get("backend"), "samples": n,
-        "seq_len": args.seq_len, "batch_size": batch, "build_s": round(build_s, 3),
+        "seq_len": args.seq_len, "batch_size": batch, "checkpointing": ckpt, "loss_chunk": args.loss_chunk,
+        "max_memory": args.max_memory, "build_s": round(build_s, 3),
+        "warmup_s": None if warmup_s is None else round(warmup_s, 3),
         "stage_s": stage_s, "s_per_sample": scoring_s / n, "tokens_per_s": n * args.seq_len / scoring_s,
+        "stage_s_per_sample": {k: (v / n if v else None) for k, v in stage_s.items()},
         "samples_per_s": n / scoring_s,
         # GPU peak only: on the CPU smoke run the pipeline reports process RSS, not comparable
         "peak_memory_gib": (st["peak_memory_bytes"] / GiB) if device.type == "cuda" else None,
@@ -131,19 +154,51 @@ def versions() -> dict:
     return out
 
 
-def run_one(args, shape, engine, save_keep=None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", shape, "--engine", engine,
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-    if args.max_memory:
-        cmd += ["--max-memory", args.max_memory]
+DEFAULT_RUNS = ",".join([
+    "1b:reference",
+    "1b:fused:b=4",              # the default fused setting (checkpointing on)
+    "1b:fused:b=2:chunk=128",    # memory-lean: two samples per pass, a 128-row loss chunk
+    "1b:fused:b=8:ckpt=0",       # throughput: no checkpointing
+    "8b:reference",
+    "8b:fused:mem=18GiB",        # the batch predict_peak_memory fits into 18 GiB
+    "8b:fused:b=4:ckpt=0",       # throughput on a large card
+])
+
+
+def parse_run(spec: str) -> dict:
+    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:mem=SIZE]' -> dict (b: samples per pass)."""
+    parts = spec.strip().split(":")
+    if len(parts) < 2:
+        raise SystemExit(f"bad run spec {spec!r}: want shape:engine[:b=N][:ckpt=0][:chunk=N][:mem=SIZE]")
+    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "mem": None, "spec": spec}
+    for kv in parts[2:]:
+        k, _, v = kv.partition("=")
+        if k not in ("b", "ckpt", "chunk", "mem"):
+            raise SystemExit(f"bad run spec {spec!r}: unknown key {k!r}")
+        run[k] = v if k == "mem" else (v not in ("0", "false") if k == "ckpt" else int(v))
+    return run
+
+
+def run_one(args, run: dict, save_keep=None) -> dict:
+    b = run["b"] if run["b"] is not None else args.batch_size
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", run["shape"], "--engine", run["engine"],
+           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(b)]
+    mem = run["mem"] or args.max_memory
+    if mem:
+        cmd += ["--max-memory", mem]
+    if not run["ckpt"]:
+        cmd += ["--no-checkpointing"]
+    if run["chunk"]:
+        cmd += ["--loss-chunk", str(run["chunk"])]
     if args.smoke:
         cmd += ["--smoke"]
     if save_keep:
         cmd += ["--save-keep", save_keep]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"shape": shape, "engine": engine, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"spec": run["spec"], "shape": run["shape"], "engine": run["engine"],
+                "error": proc.stderr.strip().splitlines()[-1:]}
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), spec=run["spec"])
 
 
 def out_path(out, smoke: bool) -> str:
@@ -172,15 +227,18 @@ def write_results(report: dict, path: str) -> None:
     with open(path + ".tmp", "w") as fh:
         json.dump(report, fh, indent=2)
     os.replace(path + ".tmp", path)
-    rows = ["| shape | engine | batch | s/sample | tokens/s | peak GiB (measured) | peak GiB (predicted) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| run | batch | ckpt | stage 1 s/sample | stage 2 s/sample | tokens/s (both stages) | "
+            "peak GiB (measured) | peak GiB (predicted) |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
-            rows.append(f"| {r.get('shape')} | {r.get('engine')} | error: {r['error']} | | | | |")
+            rows.append(f"| {r.get('spec')} | error: {r['error']} | | | | | | |")
             continue
         peak = "n/a (CPU)" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
-        rows.append(f"| {r['shape']} | {r['engine']} | {r['batch_size']} | {r['s_per_sample']:.4f} | "
-                    f"{r['tokens_per_s']:.0f} | {peak} | {r['predicted_peak_gib']:.2f} |")
+        per = r.get("stage_s_per_sample", {})
+        s1, s2 = (f"{per[k]:.4f}" if per.get(k) else "-" for k in ("stage1", "stage2"))
+        rows.append(f"| {r.get('spec')} | {r['batch_size']} | {'on' if r.get('checkpointing', True) else 'off'} | "
+                    f"{s1} | {s2} | {r['tokens_per_s']:.0f} | {peak} | {r['predicted_peak_gib']:.2f} |")
     md = [f"Device: {report['versions'].get('device')}; versions: " + ", ".join(
         f"{k} {v}" for k, v in report["versions"].items() if k != "device"), "", *rows]
     if report.get("iou_1b"):
@@ -193,14 +251,16 @@ def write_results(report: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1b,8b")
-    p.add_argument("--engines", default="fused,reference")
+    p.add_argument("--runs", default=DEFAULT_RUNS,
+                   help="comma-separated shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:mem=SIZE] (one process each)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-memory", default=None, help="per-GPU budget: the batch size comes from predict_peak_memory")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shape, torch engine, 2 samples")
     p.add_argument("--out", default=None, help="results directory (or .json file); default benchmarks/results")
+    p.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--loss-chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1b", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="fused", help=argparse.SUPPRESS)
@@ -211,26 +271,28 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2
-        shapes, engines = ["smoke"], ["torch"]
+        runs = [parse_run("smoke:torch")]
     else:
         if not torch.cuda.is_available():
             print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",
                   file=sys.stderr)
             return 0
-        shapes, engines = args.shapes.split(","), args.engines.split(",")
+        runs = [parse_run(r) for r in args.runs.split(",") if r.strip()]
     out = out_path(args.out, args.smoke)
     report = {"versions": versions(), "smoke": args.smoke, "samples": args.samples, "seq_len": args.seq_len,
               "runs": []}
     keeps = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in shapes:
-            for engine in engines:
-                keep_path = os.path.join(tmp, f"{shape}-{engine}.pt") if shape == "1b" else None
-                r = run_one(args, shape, engine, keep_path)
-                print(json.dumps({k: v for k, v in r.items() if k != "predicted"}), flush=True)
-                report["runs"].append(r)
-                if keep_path and os.path.exists(keep_path):
-                    keeps[engine] = torch.load(keep_path)
+        for i, run in enumerate(runs):
+            # the first 1b run of each engine keeps its channels for the fused-vs-reference IoU
+            want_keep = run["shape"] == "1b" and run["engine"] not in keeps
+            keep_path = os.path.join(tmp, f"{i}.pt") if want_keep else None
+            r = run_one(args, run, keep_path)
+            print(json.dumps({k: v for k, v in r.items() if k != "predicted"}), flush=True)
+            report["runs"].append(r)
+            if keep_path and os.path.exists(keep_path):
+                keeps[run["engine"]] = torch.load(keep_path)
+            write_results(report, out)  # after every run: a later crash keeps what was measured
         if "fused" in keeps and "reference" in keeps:
             report["iou_1b"] = iou(keeps["fused"], keeps["reference"])
     write_results(report, out)

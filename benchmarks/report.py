@@ -58,16 +58,93 @@ def render(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _status(name: str) -> str:
+def _load(name: str):
     path = RESULTS / f"{name}.json"
     if not path.exists():
-        return "not yet measured"
+        return None
     data = json.loads(path.read_text())
-    status = str(data.get("status", ""))
-    if status.startswith("not yet measured"):
-        return "not yet measured"
-    device = data.get("device") or data.get("gpu") or "?"
-    return f"measured on {device}: see benchmarks/RESULTS.md"
+    if str(data.get("status", "")).startswith("not yet measured"):
+        return None
+    return data
+
+
+def _device(data: dict) -> str:
+    """The GPU's name: some files keep it under versions, some at the top (where "cuda" is a type)."""
+    name = (data.get("versions") or {}).get("device") or data.get("device") or "?"
+    return str(name)
+
+
+def _yes(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _loss_summary(d):
+    rows = {(r["N"], r["d"], r["V"], r["impl"]): r for r in d["rows"] if r.get("status") == "ok"}
+    ours, liger = rows.get((8192, 4096, 128256, "sdmprune_triton")), rows.get((8192, 4096, 128256, "liger_chunked_jsd"))
+    if not ours or not liger:
+        return "incomplete", "?"
+    ratio = ours["median_ms"] / liger["median_ms"]
+    ok = ratio <= 0.7 and ours["extra_peak_mb"] <= 1024
+    return (f"8192x4096x128256: {ours['median_ms']:.1f} ms vs Liger chunked {liger['median_ms']:.1f} ms "
+            f"({ratio:.2f}x), extra {ours['extra_peak_mb']:.0f} MB"), _yes(ok)
+
+
+def _taylor_summary(d):
+    r = max(d["rows"], key=lambda r: (r["d"] * r["I"], r["T"]))
+    ok = r["meets_plain_target"] and r["meets_naive_target"] and r["meets_bytes_target"]
+    return (f"{r['d']}x{r['I']}, T {r['T']}: fused {r['fused_ms']:.2f} ms = {r['fused_over_plain']:.2f}x plain, "
+            f"naive {r['naive_over_fused']:.2f}x slower, 0 weight-grad bytes"), _yes(ok)
+
+
+def _gather_summary(d):
+    rows, cols = d["rows"], d["cols"]
+    ok = rows["meets_target"] and cols["meets_target"]
+    return (f"rows {rows['inplace_vs_copy_bandwidth']:.2f}x, columns {cols['inplace_vs_copy_bandwidth']:.2f}x copy "
+            f"bandwidth; extra memory {rows['extra_bytes']['inplace'] / 2**20:.0f} MiB vs "
+            f"{rows['extra_bytes']['index_select'] / 2**20:.0f} MiB (index_select)"), _yes(ok)
+
+
+def _pipeline_summary(d):
+    runs = {r.get("spec"): r for r in d["runs"] if "error" not in r}
+
+    def s2(spec):
+        r = runs.get(spec)
+        return r["stage_s_per_sample"]["stage2"] if r else None
+
+    ref8, ref1 = s2("8b:reference"), s2("1b:reference")
+    f8, f1 = runs.get("8b:fused:mem=18GiB"), runs.get("1b:fused:b=4")
+    if not (ref8 and ref1 and f8 and f1):
+        return "incomplete", "?"
+    sp8 = ref8 / f8["stage_s_per_sample"]["stage2"]
+    sp1 = ref1 / f1["stage_s_per_sample"]["stage2"]
+    m1 = f1["peak_memory_gib"] / runs["1b:reference"]["peak_memory_gib"]
+    ok8 = f8["peak_memory_gib"] <= 18 and sp8 >= 2
+    ok1 = sp1 >= 4 and m1 <= 1 / 3
+    iou = d.get("iou_1b") or {}
+    iou_s = f"; 1B kept-channel IoU vs reference min {min(iou.values()):.3f}" if iou else ""
+    return (f"8B: {f8['peak_memory_gib']:.2f} GiB, stage 2 {sp8:.2f}x the same-run reference; "
+            f"1B (batch 4): {sp1:.2f}x, {m1:.2f}x its peak{iou_s}"), f"8B {_yes(ok8)}, 1B {_yes(ok1)}"
+
+
+def _offload_summary(d):
+    r = next((r for r in d["runs"] if r.get("run") == "offload cpu"), None)
+    if not r:
+        return "incomplete", "?"
+    ok = r["peak_gib"] <= 6 and r["speed_vs_resident"] >= 0.6
+    return f"{r['peak_gib']:.2f} GiB peak, {r['speed_vs_resident']:.2f}x resident samples/s", _yes(ok)
+
+
+def _recovery_summary(d):
+    res = d["results"]
+    ours = next(r for r in res if r["method"].startswith("one-copy"))
+    usual = next(r for r in res if not r["method"].startswith("one-copy"))
+    sp, mem = ours["tokens_per_s"] / usual["tokens_per_s"], ours["peak_memory_gib"] / usual["peak_memory_gib"]
+    return f"{sp:.2f}x tokens/s, {mem:.2f}x peak memory", _yes(sp >= 1.3 and mem <= 0.5)
+
+
+SUMMARIES = {"fused_linear_distill_loss": _loss_summary, "taylor_importance": _taylor_summary,
+             "gather": _gather_summary, "pipeline": _pipeline_summary, "offload": _offload_summary,
+             "recovery": _recovery_summary}
 
 
 def readme_block() -> str:
@@ -77,13 +154,22 @@ def readme_block() -> str:
         if md.exists():
             body = md.read_text().split("\n", 1)[1].strip()  # drop the page's own H1
             out += [f"### {title}", "", body, ""]
+    devices = sorted({_device(_load(n)) for n in GPU_BENCHMARKS if _load(n)})
     out += ["### GPU speed and memory", "",
-            "No GPU was lent to the session that built these benchmarks, so every GPU figure is still to be",
-            "measured: `bash benchmarks/run_gpu.sh` on a CUDA machine writes them (device, versions, medians",
-            "and the baseline of the same run) and `python benchmarks/report.py --readme` refreshes this table.", "",
-            "| benchmark | what | target | status |", "|---|---|---|---|"]
+            f"Measured with `bash benchmarks/run_gpu.sh` on: {', '.join(devices) or 'no GPU yet'}. Each ratio is "
+            "against the baseline of the same run; full tables (versions, medians) in benchmarks/RESULTS.md.", "",
+            "| benchmark | what | target | measured | verdict |", "|---|---|---|---|---|"]
     for name, (what, target) in GPU_BENCHMARKS.items():
-        out.append(f"| `{name}` | {what} | {target} | {_status(name)} |")
+        data = _load(name)
+        if data is None:
+            out.append(f"| `{name}` | {what} | {target} | not yet measured | |")
+            continue
+        measured, verdict = SUMMARIES[name](data)
+        out.append(f"| `{name}` | {what} | {target} | {measured} | {verdict} |")
+    pipe = RESULTS / "pipeline.md"
+    if pipe.exists():
+        out += ["", "Pipeline runs (`benchmarks/bench_pipeline.py`, 16 samples of 1024 tokens, random weights):", "",
+                pipe.read_text().strip()]
     return "\n".join(out) + "\n"
 
 

@@ -9,17 +9,24 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <string>
 
 #include "sdmprune.h"
 
 namespace sdmprune {
 
+namespace {
+// Integers reach error messages as std::string: on the GPU machine (torch 2.11+cu130) an extension
+// that streamed an int64_t through c10::str crashed the process instead of raising.
+std::string num(int64_t v) { return std::to_string(v); }
+}  // namespace
+
 void check_gather_meta(const at::Tensor& w, const at::Tensor& idx, const char* op) {
   TORCH_CHECK(w.layout() == at::kStrided, op, ": w must be a dense (strided) tensor");
-  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D [R, C], got a ", w.dim(), "-D tensor");
+  TORCH_CHECK(w.dim() == 2, op, ": w must be 2-D [R, C], got a ", num(w.dim()), "-D tensor");
   TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous (call .contiguous() first)");
   TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": idx must be int64 (torch.long), got ", idx.scalar_type());
-  TORCH_CHECK(idx.dim() == 1, op, ": idx must be 1-D, got a ", idx.dim(), "-D tensor");
+  TORCH_CHECK(idx.dim() == 1, op, ": idx must be 1-D, got a ", num(idx.dim()), "-D tensor");
   TORCH_CHECK(idx.device() == w.device(), op, ": device mismatch: idx is on ", idx.device(), " but w is on ",
               w.device());
   TORCH_CHECK(idx.numel() > 0, op, ": idx is empty (keep at least one index)");
@@ -32,12 +39,12 @@ at::Tensor check_gather_args(const at::Tensor& w, const at::Tensor& idx, int64_t
   const int64_t* p = host.data_ptr<int64_t>();
   const int64_t k = host.numel();
   for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < extent, op, ": idx out of range: idx[", i, "] = ", p[i], " is not in [0, ",
-                extent, ")");
+    TORCH_CHECK(p[i] >= 0 && p[i] < extent, op, ": idx out of range: idx[", num(i), "] = ", num(p[i]), " is not in [0, ",
+                num(extent), ")");
     if (i > 0) {
-      TORCH_CHECK(p[i] != p[i - 1], op, ": duplicate index ", p[i], " at positions ", i - 1, " and ", i);
-      TORCH_CHECK(p[i] > p[i - 1], op, ": idx must be sorted (strictly increasing): idx[", i - 1, "] = ", p[i - 1],
-                  " > idx[", i, "] = ", p[i]);
+      TORCH_CHECK(p[i] != p[i - 1], op, ": duplicate index ", num(p[i]), " at positions ", num(i - 1), " and ", num(i));
+      TORCH_CHECK(p[i] > p[i - 1], op, ": idx must be sorted (strictly increasing): idx[", num(i - 1), "] = ", num(p[i - 1]),
+                  " > idx[", num(i), "] = ", num(p[i]));
     }
   }
   return host;
@@ -196,7 +203,7 @@ at::Tensor gather_cols_cpu(at::Tensor w, const at::Tensor& idx, int64_t scratch_
     case 4: run_cols_plan<uint32_t>(base, plan, p, k, C, scratch); break;
     case 8: run_cols_plan<uint64_t>(base, plan, p, k, C, scratch); break;
     case 16: run_cols_plan<Bytes16>(base, plan, p, k, C, scratch); break;
-    default: TORCH_CHECK(false, "gather_cols_: unsupported element size ", es);
+    default: TORCH_CHECK(false, "gather_cols_: unsupported element size ", num(es));
   }
   return w.as_strided({R, k}, {k, 1}, w.storage_offset());
 }

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 
 #include "gather.h"
 
@@ -107,7 +108,7 @@ void gather_cols(const char* src, char* dst, const int64_t* idx, int64_t k, int6
     case 4: launch_cols<uint32_t>(src, dst, idx, k, C, a, nrows, stream); break;
     case 8: launch_cols<uint64_t>(src, dst, idx, k, C, a, nrows, stream); break;
     case 16: launch_cols<Bytes16>(src, dst, idx, k, C, a, nrows, stream); break;
-    default: TORCH_CHECK(false, "gather_cols_: unsupported element size ", es);
+    default: TORCH_CHECK(false, "gather_cols_: unsupported element size ", std::to_string(es));
   }
 }
 

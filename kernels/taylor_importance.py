@@ -92,6 +92,7 @@ if triton_available():
         for bi, bd, bt, warps, stages in (
             (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
             (128, 128, 32, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (32, 128, 64, 4, 3),
+            (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 128, 8, 2), (64, 128, 128, 8, 2),
         ):
             out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=warps, num_stages=stages))
         return out

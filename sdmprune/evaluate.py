@@ -147,7 +147,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on CUDA, fp32 on CPU (as prune uses)")
     p.add_argument("--seed", type=int, default=1234, help="seed of 'self' evaluation text")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
 
@@ -164,9 +165,10 @@ def run(args) -> int:
     if tasks and not lm_eval_available():
         raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
     spec = resolve_source(args.ppl, "perplexity") if args.ppl else None
-    resolve_device(args.device)
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     source = resolve_model(args.model)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, source=source)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source)
     results = {"model": args.model}
     if spec is not None:
         ppl, _, desc = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows,

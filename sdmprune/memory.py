@@ -142,14 +142,16 @@ def shape_of(config: Any) -> ModelShape:
 
 def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any = "bf16", gpus: int = 1,
                         shard: Optional[str] = None, offload: Optional[str] = None, engine: str = "fused",
-                        gradient_checkpointing: bool = True) -> Dict[str, int]:
+                        gradient_checkpointing: bool = True,
+                        loss_token_chunk: Optional[int] = None) -> Dict[str, int]:
     """Predicted peak memory of one GPU (one rank) during a prune, in bytes.
 
     ``batch_size`` is samples per backward pass on one rank; ``engine`` is "fused" (Triton kernels),
     "torch" (the same design with the PyTorch backends) or "reference" (two model copies, weight
     gradients, full logits). Returns {"weights", "teacher_cache", "activations", "loss_scratch",
     "importance_scratch", "overhead", "total"} on the GPU plus "host_weights" and
-    "host_teacher_cache_per_sample" (host memory, not in "total").
+    "host_teacher_cache_per_sample" (host memory, not in "total"). ``loss_token_chunk`` is
+    PruneConfig.loss_token_chunk (None: the loss's own 768 MiB chunk plan).
     """
     s = shape_of(config)
     if seq_len < 1 or batch_size < 1 or gpus < 1:
@@ -207,7 +209,8 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         from sdmprune.kernels.fused_linear_distill_loss import plan_chunks
 
         tdtype = {2: torch.bfloat16, 4: torch.float32}.get(b, torch.float32)
-        chunks = plan_chunks(T, V, d, tdtype, "cuda", backend="triton" if engine == "fused" else "torch")
+        chunks = plan_chunks(T, V, d, tdtype, "cuda", backend="triton" if engine == "fused" else "torch",
+                             token_chunk=loss_token_chunk)
         loss_scratch = chunks.scratch_bytes + T * d * b + T * 4 * 8
 
     scores = n * I * 4
@@ -374,6 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", help="model dtype (bf16, fp16, fp32)")
     parser.add_argument("--engine", choices=list(ENGINES), default="fused")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS", help="as prune --loss-chunk")
     parser.add_argument("--max-memory", default=None, help="budget per GPU, e.g. 16GiB: print the largest batch that fits")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
@@ -383,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     if args.offload and args.gpus > 1 and args.shard:
         raise InputError("--offload cpu and --shard fsdp are exclusive")
     kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
-              gradient_checkpointing=args.gradient_checkpointing)
+              gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk)
     pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
     budget = parse_size(args.max_memory) if args.max_memory else None
     fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None

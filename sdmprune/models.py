@@ -136,6 +136,22 @@ def mlp_widths(model: nn.Module) -> Dict[int, int]:
     return {m.index: m.width for m in find_gated_mlps(model)}
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> bool:
+    """Turn (non-reentrant) activation checkpointing on or off under either transformers naming
+    (``activation_checkpointing_*`` in newer 5.x, ``gradient_checkpointing_*`` before). Returns
+    whether it was on before. Non-reentrant: the recomputed forward needs no input requiring grad."""
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    was = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
+    if enabled and not was:
+        if new_api:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif was and not enabled:
+        (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+    return was
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters, a tied LM head counted once (storages are deduplicated)."""
     seen = set()

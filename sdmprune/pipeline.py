@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from .errors import InputError, SdmpruneError
-from .models import count_parameters, find_gated_mlps, get_adapter
+from .models import count_parameters, find_gated_mlps, get_adapter, set_activation_checkpointing
 from .plan import WidthPlan, plan_width
 from .save import package_versions
 
@@ -74,6 +74,7 @@ class PruneConfig:
     engine: str = "auto"
     batch_size: int = 1
     gradient_checkpointing: bool = True
+    loss_token_chunk: Optional[int] = None  # rows per chunk of the fused loss (None: a 768 MiB scratch plan)
     seed: int = 0
     round_to: Optional[int] = None
     checkpoint_every: int = 16  # batches between resume checkpoints (when a checkpoint_dir is given)
@@ -112,6 +113,8 @@ class PruneConfig:
             raise InputError(f"round_to {self.round_to} must be a positive integer")
         if self.checkpoint_every < 1:
             raise InputError("checkpoint_every must be at least 1")
+        if self.loss_token_chunk is not None and int(self.loss_token_chunk) < 1:
+            raise InputError(f"loss_token_chunk {self.loss_token_chunk} must be a positive integer")
         if self.shard not in (None, "fsdp"):
             raise InputError(f"shard {self.shard!r} is not supported (supported: fsdp)")
         if self.offload not in (None, "cpu"):
@@ -224,15 +227,8 @@ def _gradient_pass(model, checkpointing: bool):
     """Training mode (LLaMA-family models have no dropout) with optional gradient checkpointing;
     restores mode, checkpointing and use_cache afterwards."""
     was_training = model.training
-    new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.x naming
-    was_gc = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
     use_cache = getattr(model.config, "use_cache", None)
-    if checkpointing and not was_gc:
-        # non-reentrant: the recomputed forward needs no input that requires grad
-        if new_api:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was_gc = set_activation_checkpointing(model, True) if checkpointing else None
     model.config.use_cache = False
     model.train()
     try:
@@ -240,7 +236,7 @@ def _gradient_pass(model, checkpointing: bool):
     finally:
         model.train(was_training)
         if checkpointing and not was_gc:
-            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+            set_activation_checkpointing(model, False)
         if use_cache is not None:
             model.config.use_cache = use_cache
 
@@ -416,7 +412,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
                 if teacher is not None:
                     teacher.put(bi * B, h.detach())
                 loss = fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), None,
-                                                 alpha=0.0, backend=backend)
+                                                 alpha=0.0, backend=backend, token_chunk=cfg.loss_token_chunk)
                 (loss * x.shape[0]).backward()  # sum of per-sample mean losses
                 _tick(bar, x.numel(), device)
                 maybe_save(1, bi + 1, imp)
@@ -448,7 +444,8 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
             h = body(input_ids=x, use_cache=False).last_hidden_state
             ht = teacher.get(bi * B, x.shape[0], device)
             loss = fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), ht.reshape(-1, d),
-                                             alpha=cfg.alpha, temperature=cfg.temperature, backend=backend)
+                                             alpha=cfg.alpha, temperature=cfg.temperature, backend=backend,
+                                             token_chunk=cfg.loss_token_chunk)
             (loss * x.shape[0]).backward()
             _tick(bar, x.numel(), device)
             maybe_save(2, bi + 1, imp)
@@ -736,6 +733,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS",
+                   help="token rows per chunk of the fused loss (smaller: less scratch, V*10 bytes a row)")
     p.add_argument("--round-to", type=int, default=None, help="round the width down to a multiple of M")
     p.add_argument("--save-scores", metavar="PATH", help="write per-layer scores and kept indices (safetensors)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (same arguments)")
@@ -775,6 +774,7 @@ def _validate_args(args):
     cfg = PruneConfig(ratio=args.ratio, width=args.width, alpha=args.alpha, temperature=args.temperature,
                       stage1_keep=args.stage1_keep, method=args.method, engine=args.engine,
                       batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
+                      loss_token_chunk=args.loss_chunk,
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
                       progress=not args.no_progress, shard=args.shard, offload=args.offload,
                       offload_device=str(device) if args.offload else None,

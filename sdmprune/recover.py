@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .models import find_gated_mlps, get_adapter
+from .models import find_gated_mlps, get_adapter, set_activation_checkpointing
 from .save import package_versions
 from .sft_data import IGNORE_INDEX, Rows, build_rows, check_source, load_records
 
@@ -619,7 +619,7 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     during = None
     try:
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(model, True)
         teacher = _self_teacher(model, peft_model, adapter, masks) if cfg.alpha > 0 else None
         trainer = _Trainer(model, adapter, rows, cfg, int(steps), teacher_fn=teacher, desc="recover")
         during = base_storage_pointers(model)
@@ -631,7 +631,7 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     finally:
         masks.remove()
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            set_activation_checkpointing(model, False)
     merged = peft_model.merge_and_unload()  # adds B @ A * scale into the base weights in place
     assert merged is model
     _unwrap_peft_attrs(model)
@@ -763,7 +763,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     teacher_fn = None
     if cfg.distill:
         teacher_fn = _separate_teacher(teacher_model) if teacher_model is not None else _self_teacher(model, peft_model, adapter)
@@ -785,7 +785,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
             evals["before"], eval_tokens = _eval(model, adapter, tokenizer, cfg)
     trainer.run()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     model.eval()
     if cfg.eval_ppl:
         evals["after"], _ = _eval(model, adapter, tokenizer, cfg, eval_tokens)

@@ -64,7 +64,10 @@ def test_prune_saves_a_plain_hf_model(files, tmp_path, capsys):
                          "--json", tmp_path / "ev.json"], capsys)
     assert code == 0, cap.err
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert ev["perplexity"]["perplexity"] == pytest.approx(report["eval"]["after"]["perplexity"], rel=1e-5)
+    # same dtype and device as the prune's own evaluation (fp32 on CPU; bf16 on CUDA, where the
+    # sliced views and the reloaded contiguous weights may take different GEMM algorithms)
+    rel = 2e-3 if torch.cuda.is_available() else 1e-5
+    assert ev["perplexity"]["perplexity"] == pytest.approx(report["eval"]["after"]["perplexity"], rel=rel)
 
 
 @pytest.mark.parametrize("method", ["taylor", "wanda-sp", "magnitude"])

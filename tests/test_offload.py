@@ -7,7 +7,7 @@ import torch
 from conftest import cuda, tiny_model
 from sdmprune.errors import InputError
 from sdmprune.importance import TaylorImportance
-from sdmprune.models import get_adapter
+from sdmprune.models import get_adapter, set_activation_checkpointing
 from sdmprune.offload import LayerStreamer, check_offload
 
 
@@ -16,7 +16,7 @@ def ce_scores(model, x, checkpointing, streamer=None, device="cpu"):
     adapter = get_adapter(model)
     body, head = adapter.body(model), adapter.lm_head(model)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     model.train()
     with TaylorImportance(model, backend="torch") as imp:
         h = body(input_ids=x.to(device), use_cache=False).last_hidden_state
@@ -28,7 +28,7 @@ def ce_scores(model, x, checkpointing, streamer=None, device="cpu"):
         loss.backward()
         scores = {k: v.detach().cpu().clone() for k, v in imp.scores().items()}
     if checkpointing:
-        model.activation_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     return scores, float(loss.detach())
 
 

@@ -135,8 +135,10 @@ def test_fused_engine_agrees_with_torch():
     kw = dict(layers=1, hidden=32, width=48, vocab=96, heads=2, kv_heads=1)
     x = calib(2, 8, vocab=96)
     cfg = PruneConfig(width=30, stage1_keep=0.8, batch_size=2, progress=False)
-    fused = prune_model(tiny_model("llama", seed=4, **kw), x, cfg, engine="fused")
-    lean = prune_model(tiny_model("llama", seed=4, **kw), x, cfg, engine="torch")
+    # the kernels run on CUDA tensors, or on CPU tensors under the interpreter (float32 both: IEEE dots)
+    dev = "cpu" if interpreter_enabled() else "cuda"
+    fused = prune_model(tiny_model("llama", seed=4, **kw).to(dev), x, cfg, engine="fused")
+    lean = prune_model(tiny_model("llama", seed=4, **kw).to(dev), x, cfg, engine="torch")
     assert fused.stats["backend"] == "triton" and lean.stats["backend"] == "torch"
     for layer in fused.keep:
         torch.testing.assert_close(fused.stage1_scores[layer], lean.stage1_scores[layer], rtol=1e-4, atol=1e-9)
