@@ -25,6 +25,8 @@ GPU_BENCHMARKS = {
                "rows >= 0.8x, columns >= 0.7x device-copy bandwidth"),
     "pipeline": ("stage-1 + stage-2 importance pass, Llama-3.2-1B and 3.1-8B shapes, 1024-token samples",
                  "8B: <= 18 GiB, >= 2x reference samples/s; 1B: >= 4x samples/s, <= 1/3 peak"),
+    "pipeline_1b_batch": ("the 1B shape at larger batches with a 128-row loss chunk (its own reference run)",
+                          "1B: >= 4x samples/s and <= 1/3 peak in one run"),
     "offload": ("--offload cpu on the Llama-3.1-8B shape vs the resident fused engine",
                 "<= 6 GiB peak GPU memory, >= 0.6x resident samples/s"),
     "recovery": ("one distilled LoRA step, Llama-3.2-1B shape, 2048-token packed rows, one-copy fused vs usual",
@@ -126,6 +128,22 @@ def _pipeline_summary(d):
             f"1B (batch 4): {sp1:.2f}x, {m1:.2f}x its peak{iou_s}"), f"8B {_yes(ok8)}, 1B {_yes(ok1)}"
 
 
+def _pipeline_1b_summary(d):
+    runs = [r for r in d["runs"] if "error" not in r]
+    ref = next((r for r in runs if r["engine"] == "reference" and r["shape"] == "llama-3.2-1b"), None)
+    if ref is None:
+        return "incomplete", "?"
+    parts, ok = [], False
+    for r in runs:
+        if r["engine"] != "fused" or r["shape"] != "llama-3.2-1b":
+            continue
+        sp = ref["stage_s_per_sample"]["stage2"] / r["stage_s_per_sample"]["stage2"]
+        mem = r["peak_memory_gib"] / ref["peak_memory_gib"]
+        ok = ok or (sp >= 4 and mem <= 1 / 3)
+        parts.append(f"batch {r['batch_size']}: {sp:.2f}x, {mem:.2f}x peak")
+    return "; ".join(parts), _yes(ok)
+
+
 def _offload_summary(d):
     r = next((r for r in d["runs"] if r.get("run") == "offload cpu"), None)
     if not r:
@@ -143,7 +161,8 @@ def _recovery_summary(d):
 
 
 SUMMARIES = {"fused_linear_distill_loss": _loss_summary, "taylor_importance": _taylor_summary,
-             "gather": _gather_summary, "pipeline": _pipeline_summary, "offload": _offload_summary,
+             "gather": _gather_summary, "pipeline": _pipeline_summary, "pipeline_1b_batch": _pipeline_1b_summary,
+             "offload": _offload_summary,
              "recovery": _recovery_summary}
 
 
