@@ -11,7 +11,12 @@ score gains ``sum_j |S_s[c, j]| / d``. The abs is per segment, never of the batc
 Triton kernel: one program per (I block, d block, segment). It reduces the three products over the
 segment's tokens into fp32 register tiles (``tl.dot``), multiplies them by the weight tiles, takes
 the abs, reduces over j and atomically adds the [BLOCK_I] partial sums into ``scores``. No [I, d]
-tensor is ever written. The PyTorch path computes the same in chunks of channels (bounded memory)
+tensor is ever written. Two variants, chosen by the GPU autotuner: one pass with three fp32
+accumulators (small tiles), or SPLIT_ACC: three passes over the segment with one accumulator each,
+folded into a running element score (two register tiles, so 128 x 128 tiles fit). The SPLIT_ACC
+configs join the autotuner only with SDMPRUNE_TAYLOR_SPLIT_ACC=1: they were written after the last
+GPU session, are tested under the interpreter and compiled for sm_90, and are still to be run and
+timed on a GPU (tests/test_taylor_importance.py::test_kernel_variants_gpu forces them there). The PyTorch path computes the same in chunks of channels (bounded memory)
 and is the CPU path.
 
 Note on determinism: the d blocks and segments of a channel are combined with fp32 atomic adds, so
@@ -19,6 +24,7 @@ the result can differ in the last bits between runs on a GPU.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,6 +36,26 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _segment_product(a_ptr, s_at, s_ai, b_ptr, s_bt, s_bd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
+                         start, end, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """fp32 [BLOCK_I, BLOCK_D] tile of A[start:end, offs_i]^T @ B[start:end, offs_d] (A: [T, I], B: [T, d])."""
+        acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: T * I can pass 2**31
+            mask_t = offs_t < end
+            if HAS_KEEP:
+                mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
+            aT = tl.load(a_ptr + offs_t[None, :] * s_at + offs_i[:, None] * s_ai,
+                         mask=mask_i[:, None] & mask_t[None, :], other=0.0)
+            b = tl.load(b_ptr + offs_t[:, None] * s_bt + offs_d[None, :] * s_bd,
+                        mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+            if UPCAST:
+                aT, b = aT.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(aT, b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _taylor_scores_kernel(
         scores_ptr, seg_ptr, keep_ptr,
         x_ptr, dg_ptr, du_ptr, h_ptr, dy_ptr,
@@ -38,7 +64,7 @@ if triton_available():
         s_xt, s_xd, s_gt, s_gi, s_ut, s_ui, s_ht, s_hi, s_yt, s_yd,
         s_wgi, s_wgd, s_wui, s_wud, s_wdd, s_wdi,
         HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_ACC: tl.constexpr,
     ):
         pid_i = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -51,50 +77,72 @@ if triton_available():
         mask_i = offs_i < I
         mask_d = offs_d < D
 
-        acc_g = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-        acc_h = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            # int64 token offsets: T * I can pass 2**31 elements for long batches
-            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-            mask_t = offs_t < end
-            if HAS_KEEP:
-                # a dropped token (padding) contributes nothing: zero its rows of the left operands
-                mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
-            # left operands loaded transposed, [BLOCK_I, BLOCK_T]
-            m_it = mask_i[:, None] & mask_t[None, :]
-            dgT = tl.load(dg_ptr + offs_t[None, :] * s_gt + offs_i[:, None] * s_gi, mask=m_it, other=0.0)
-            duT = tl.load(du_ptr + offs_t[None, :] * s_ut + offs_i[:, None] * s_ui, mask=m_it, other=0.0)
-            hT = tl.load(h_ptr + offs_t[None, :] * s_ht + offs_i[:, None] * s_hi, mask=m_it, other=0.0)
-            m_td = mask_t[:, None] & mask_d[None, :]
-            xs = tl.load(x_ptr + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd, mask=m_td, other=0.0)
-            dys = tl.load(dy_ptr + offs_t[:, None] * s_yt + offs_d[None, :] * s_yd, mask=m_td, other=0.0)
-            if UPCAST:
-                # the Triton interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 copies
-                # of bf16 values give the same products (exact in fp32) and the same fp32 accumulation
-                dgT, duT, hT = dgT.to(tl.float32), duT.to(tl.float32), hT.to(tl.float32)
-                xs, dys = xs.to(tl.float32), dys.to(tl.float32)
-            acc_g = tl.dot(dgT, xs, acc_g, input_precision=PRECISION)
-            acc_u = tl.dot(duT, xs, acc_u, input_precision=PRECISION)
-            acc_h = tl.dot(hT, dys, acc_h, input_precision=PRECISION)
-
         m_id = mask_i[:, None] & mask_d[None, :]
-        wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
-        wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
-        # W_down is [d, I]; read its transpose tile [BLOCK_I, BLOCK_D]
-        wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
-        s = acc_g * wg.to(tl.float32) + acc_u * wu.to(tl.float32) + acc_h * wdT.to(tl.float32)
+        if SPLIT_ACC:
+            # three passes over the segment, one fp32 accumulator each, folded into the element
+            # score as soon as it is complete: two [BLOCK_I, BLOCK_D] register tiles live instead of
+            # three, so larger tiles fit (x is read twice)
+            wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
+            s = _segment_product(dg_ptr, s_gt, s_gi, x_ptr, s_xt, s_xd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
+                                 start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wg.to(tl.float32)
+            wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
+            s += _segment_product(du_ptr, s_ut, s_ui, x_ptr, s_xt, s_xd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
+                                  start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wu.to(tl.float32)
+            wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
+            s += _segment_product(h_ptr, s_ht, s_hi, dy_ptr, s_yt, s_yd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
+                                  start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wdT.to(tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+            acc_h = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+            for t0 in range(start, end, BLOCK_T):
+                # int64 token offsets: T * I can pass 2**31 elements for long batches
+                offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                mask_t = offs_t < end
+                if HAS_KEEP:
+                    # a dropped token (padding) contributes nothing: zero its rows of the left operands
+                    mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
+                # left operands loaded transposed, [BLOCK_I, BLOCK_T]
+                m_it = mask_i[:, None] & mask_t[None, :]
+                dgT = tl.load(dg_ptr + offs_t[None, :] * s_gt + offs_i[:, None] * s_gi, mask=m_it, other=0.0)
+                duT = tl.load(du_ptr + offs_t[None, :] * s_ut + offs_i[:, None] * s_ui, mask=m_it, other=0.0)
+                hT = tl.load(h_ptr + offs_t[None, :] * s_ht + offs_i[:, None] * s_hi, mask=m_it, other=0.0)
+                m_td = mask_t[:, None] & mask_d[None, :]
+                xs = tl.load(x_ptr + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd, mask=m_td, other=0.0)
+                dys = tl.load(dy_ptr + offs_t[:, None] * s_yt + offs_d[None, :] * s_yd, mask=m_td, other=0.0)
+                if UPCAST:
+                    # the Triton interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 copies
+                    # of bf16 values give the same products (exact in fp32) and the same fp32 accumulation
+                    dgT, duT, hT = dgT.to(tl.float32), duT.to(tl.float32), hT.to(tl.float32)
+                    xs, dys = xs.to(tl.float32), dys.to(tl.float32)
+                acc_g = tl.dot(dgT, xs, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(duT, xs, acc_u, input_precision=PRECISION)
+                acc_h = tl.dot(hT, dys, acc_h, input_precision=PRECISION)
+            wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
+            wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
+            # W_down is [d, I]; read its transpose tile [BLOCK_I, BLOCK_D]
+            wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
+            s = acc_g * wg.to(tl.float32) + acc_u * wu.to(tl.float32) + acc_h * wdT.to(tl.float32)
         part = tl.sum(tl.abs(s), axis=1) * inv_d
         tl.atomic_add(scores_ptr + offs_i, part, mask=mask_i)
 
     def _gpu_configs():
+        """One-pass configs (three accumulators, so tiles stay small) and SPLIT_ACC configs (two
+        register tiles: 128 x 128 fits); the autotuner keeps whichever is faster for the shape."""
         out = []
         for bi, bd, bt, warps, stages in (
             (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
             (128, 128, 32, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (32, 128, 64, 4, 3),
-            (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 128, 8, 2), (64, 128, 128, 8, 2),
+            (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),  # BLOCK_T 128 pipelined needs > 227 KB of shared memory
         ):
-            out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=warps, num_stages=stages))
+            out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt, "SPLIT_ACC": False},
+                                     num_warps=warps, num_stages=stages))
+        if os.environ.get("SDMPRUNE_TAYLOR_SPLIT_ACC", "0") != "1":
+            return out  # SPLIT_ACC is opt-in until it has been checked and timed on a GPU
+        for bi, bd, bt, warps, stages in ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 32, 8, 3),
+                                          (64, 256, 64, 8, 3)):
+            out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt, "SPLIT_ACC": True},
+                                     num_warps=warps, num_stages=stages))
         return out
 
     # Autotuning re-runs the kernel, which adds into scores: restore_value undoes each trial.
@@ -157,8 +205,12 @@ def taylor_scores_torch_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, s
     return scores
 
 
-def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, seg_offsets, token_mask=None):
-    """Triton path of ``accumulate_taylor_scores_`` (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
+def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, seg_offsets, token_mask=None,
+                          split_acc: Optional[bool] = None):
+    """Triton path of ``accumulate_taylor_scores_`` (CUDA tensors, or CPU under TRITON_INTERPRET=1).
+
+    split_acc: None picks the kernel variant by autotuning on the GPU (one-pass under the
+    interpreter); True/False forces the three-pass / one-pass variant at a fixed tile (tests)."""
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package")
     T, D = x.shape
@@ -184,11 +236,15 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
         return (triton.cdiv(I, meta["BLOCK_I"]), triton.cdiv(D, meta["BLOCK_D"]), S)
 
     flags = dict(HAS_KEEP=token_mask is not None, PRECISION=precision, UPCAST=upcast)
-    if on_gpu:
+    if on_gpu and split_acc is None:
         with torch.cuda.device(x.device):
             _taylor_scores_kernel_tuned[grid](*args, **flags)
+    elif on_gpu:
+        blocks = dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32) if split_acc else dict(BLOCK_I=64, BLOCK_D=128, BLOCK_T=32)
+        with torch.cuda.device(x.device):
+            _taylor_scores_kernel[grid](*args, **flags, **blocks, SPLIT_ACC=bool(split_acc), num_warps=8, num_stages=3)
     else:
-        _taylor_scores_kernel[grid](*args, **flags, **_INTERPRETER_BLOCKS, num_warps=4)
+        _taylor_scores_kernel[grid](*args, **flags, **_INTERPRETER_BLOCKS, SPLIT_ACC=bool(split_acc), num_warps=4)
     return scores
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from sdmprune.kernels.gated_mlp import (ACTIVATIONS, activation_backward, activation_grad, apply_activation,
                                         gated_mlp_with_importance)
+from sdmprune.kernels import taylor_importance as tmod
 from sdmprune.kernels.taylor_importance import accumulate_taylor_scores_
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
@@ -76,6 +77,36 @@ SHAPES = [
 def test_kernel_matches_float64_reference(backend, shape, dtype):
     T, I, d, seg = shape
     check_increment(backend, T, I, d, seg, dtype)
+
+
+def check_variant(split_acc, T, I, d, seg, dtype, keep=None, device="cpu"):
+    """taylor_scores_triton_ with the kernel variant forced, on fresh inputs, against float64;
+    rows dropped by ``keep`` are poisoned with NaN first."""
+    inp = make_inputs(T, I, d, dtype, device, seed=T + I)
+    keep_t = None if keep is None else torch.tensor(keep, device=device)
+    clean = dict(inp)
+    if keep_t is not None:
+        for name in ("x", "d_gate", "d_up", "h", "dy"):
+            inp[name] = inp[name].clone()
+            inp[name][~keep_t] = float("nan")
+    seg_t = torch.tensor(seg, device=device)
+    start = torch.rand(I, device=device) + 0.5
+    scores = start.clone()
+    tmod.taylor_scores_triton_(scores, *inp.values(), seg_t, keep_t, split_acc=split_acc)
+    ref = reference_scores(*clean.values(), seg_t, keep_t)
+    tol = TOL[dtype]
+    torch.testing.assert_close((scores - start).double().cpu(), ref, rtol=tol["rtol"],
+                               atol=tol["atol_rel"] * ref.abs().max().item())
+
+
+@triton_cpu
+@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_variants_match_float64_reference(split_acc, dtype):
+    """Both kernel variants the GPU autotuner chooses between (ragged shape, 4 segments, a mask)."""
+    T, I, d, seg = 37, 45, 29, [0, 10, 11, 30, 37]
+    check_variant(split_acc, T, I, d, seg, dtype)
+    check_variant(split_acc, T, I, d, seg, dtype, keep=[i % 4 != 2 for i in range(T)])
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_cpu), "torch"])
@@ -257,6 +288,42 @@ def test_gated_mlp_function_checks():
 def test_kernel_gpu(shape, dtype):
     T, I, d, seg = shape
     check_increment("triton", T, I, d, seg, dtype, device="cuda")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_variants_gpu(split_acc, dtype):
+    check_variant(split_acc, 300, 700, 260, [0, 100, 101, 300], dtype, device="cuda")
+    check_variant(split_acc, 300, 700, 260, [0, 100, 101, 300], dtype, keep=[i % 5 != 3 for i in range(300)],
+                  device="cuda")
+
+
+def test_kernel_variants_compiles_for_h100():
+    """Both variants compile to sm_90 at the largest tiles the autotuner tries (no GPU needed)."""
+    if not triton_available() or interpreter_enabled():
+        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = dict(scores_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", x_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16",
+                h_ptr="*bf16", dy_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", wd_ptr="*bf16")
+    ints = ["I", "D", "s_xt", "s_xd", "s_gt", "s_gi", "s_ut", "s_ui", "s_ht", "s_hi", "s_yt", "s_yd",
+            "s_wgi", "s_wgd", "s_wui", "s_wud", "s_wdd", "s_wdi"]
+    for split, tiles in ((False, dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32)),
+                         (True, dict(BLOCK_I=128, BLOCK_D=256, BLOCK_T=32))):
+        cx = dict(HAS_KEEP=True, PRECISION="tf32", UPCAST=False, SPLIT_ACC=split, **tiles)
+        sig = dict(ptrs, inv_d="fp32", **{k: "i32" for k in ints}, **{k: "constexpr" for k in cx})
+        src = ASTSource(fn=tmod._taylor_scores_kernel, signature=sig, constexprs=cx)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
+            if "ptxas" in str(e) or "not found" in str(e).lower():
+                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
+            raise
+        assert "ptx" in compiled.asm
 
 
 @cuda
