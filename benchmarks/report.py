@@ -173,13 +173,14 @@ def readme_block() -> str:
         if md.exists():
             body = md.read_text().split("\n", 1)[1].strip()  # drop the page's own H1
             out += [f"### {title}", "", body, ""]
-    devices = sorted({_device(_load(n)) for n in GPU_BENCHMARKS if _load(n)})
+    loaded = {name: _load(name) for name in GPU_BENCHMARKS}
+    devices = sorted({_device(data) for data in loaded.values() if data})
     out += ["### GPU speed and memory", "",
             f"Measured with `bash benchmarks/run_gpu.sh` on: {', '.join(devices) or 'no GPU yet'}. Each ratio is "
             "against the baseline of the same run; full tables (versions, medians) in benchmarks/RESULTS.md.", "",
             "| benchmark | what | target | measured | verdict |", "|---|---|---|---|---|"]
     for name, (what, target) in GPU_BENCHMARKS.items():
-        data = _load(name)
+        data = loaded[name]
         if data is None:
             out.append(f"| `{name}` | {what} | {target} | not yet measured | |")
             continue

@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from .data import resolve_source
-    from .loading import load_model, resolve_device, resolve_model
+    from .loading import default_dtype, load_model, resolve_device, resolve_model
 
     if not args.ppl and not args.tasks:
         raise InputError("nothing to evaluate: give --ppl SRC and/or --tasks")
@@ -166,7 +166,7 @@ def run(args) -> int:
         raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
     spec = resolve_source(args.ppl, "perplexity") if args.ppl else None
     device = resolve_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = default_dtype(args.dtype, device)
     source = resolve_model(args.model)
     model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source)
     results = {"model": args.model}

@@ -51,6 +51,13 @@ def parse_dtype(name) -> torch.dtype:
         raise InputError(f"unknown dtype {name!r} (bf16, fp16 or fp32)") from None
 
 
+def default_dtype(name: Optional[str], device: torch.device) -> str:
+    """``name`` as given, or for None/"auto" the run's default: bf16 on CUDA, fp32 elsewhere."""
+    if name in (None, "", "auto"):
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
 def resolve_device(device: Optional[str]) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -395,6 +395,35 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
             ckpt.save({"stage": stage_no, "cursor": done, "importance": imp.state_dict(),
                        "stage1_scores": s1, "stage1_keep": keep1})
 
+    def run_stage(stage_no, desc, cursor, imp, batch_loss):
+        """One pass over this rank's batches from ``cursor``: forward, ``batch_loss(bi, x, h)``
+        (mean per sample), backward of its sum over samples, progress, checkpoint, timing."""
+        t0 = time.perf_counter()
+        bar = _progress(len(idx) * L, desc, cfg.progress, device)
+        bar.update(sum(len(b) for b in batches[:cursor]) * L)
+        for bi in range(cursor, len(batches)):
+            x = tokens[batches[bi]].to(device)
+            h = body(input_ids=x, use_cache=False).last_hidden_state
+            (batch_loss(bi, x, h) * x.shape[0]).backward()  # sum of per-sample mean losses
+            _tick(bar, x.numel(), device)
+            maybe_save(stage_no, bi + 1, imp)
+            if _after_batch_hook is not None:
+                _after_batch_hook(stage_no, bi + 1)
+        bar.close()
+        stats["time_s"][f"stage{stage_no}"] = time.perf_counter() - t0
+
+    def ce_loss(bi, x, h):
+        if teacher is not None:
+            teacher.put(bi * B, h.detach())
+        return fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), None,
+                                         alpha=0.0, backend=backend, token_chunk=cfg.loss_token_chunk)
+
+    def distill_loss(bi, x, h):
+        ht = teacher.get(bi * B, x.shape[0], device)
+        return fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), ht.reshape(-1, d),
+                                         alpha=cfg.alpha, temperature=cfg.temperature, backend=backend,
+                                         token_chunk=cfg.loss_token_chunk)
+
     with _gradient_pass(model, cfg.gradient_checkpointing), TaylorImportance(model, backend=backend) as imp:
         if state is not None:
             stage, cursor = state["stage"], state["cursor"]
@@ -403,23 +432,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
             _set_rng_state(state.get("rng"))
             stats["resumed_from"] = {"stage": stage, "batch": cursor}
         if stage == 1:
-            t0 = time.perf_counter()
-            bar = _progress(len(idx) * L, "stage 1/2: CE Taylor" if two_stage else "taylor: CE", cfg.progress, device)
-            bar.update(sum(len(b) for b in batches[:cursor]) * L)
-            for bi in range(cursor, len(batches)):
-                x = tokens[batches[bi]].to(device)
-                h = body(input_ids=x, use_cache=False).last_hidden_state
-                if teacher is not None:
-                    teacher.put(bi * B, h.detach())
-                loss = fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), None,
-                                                 alpha=0.0, backend=backend, token_chunk=cfg.loss_token_chunk)
-                (loss * x.shape[0]).backward()  # sum of per-sample mean losses
-                _tick(bar, x.numel(), device)
-                maybe_save(1, bi + 1, imp)
-                if _after_batch_hook is not None:
-                    _after_batch_hook(1, bi + 1)
-            bar.close()
-            stats["time_s"]["stage1"] = time.perf_counter() - t0
+            run_stage(1, "stage 1/2: CE Taylor" if two_stage else "taylor: CE", cursor, imp, ce_loss)
             s1 = dist.all_reduce_scores_({k: v.float() for k, v in imp.scores().items()})
             s1 = {k: v.cpu() for k, v in s1.items()}
             if not two_stage:
@@ -436,23 +449,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
             m[kk] = True
             masks[k] = m
         imp.set_channel_mask(masks)
-        t0 = time.perf_counter()
-        bar = _progress(len(idx) * L, "stage 2/2: self-distillation Taylor", cfg.progress, device)
-        bar.update(sum(len(b) for b in batches[:cursor]) * L)
-        for bi in range(cursor, len(batches)):
-            x = tokens[batches[bi]].to(device)
-            h = body(input_ids=x, use_cache=False).last_hidden_state
-            ht = teacher.get(bi * B, x.shape[0], device)
-            loss = fused_linear_distill_loss(h.reshape(-1, d), weight, _labels(x).reshape(-1), ht.reshape(-1, d),
-                                             alpha=cfg.alpha, temperature=cfg.temperature, backend=backend,
-                                             token_chunk=cfg.loss_token_chunk)
-            (loss * x.shape[0]).backward()
-            _tick(bar, x.numel(), device)
-            maybe_save(2, bi + 1, imp)
-            if _after_batch_hook is not None:
-                _after_batch_hook(2, bi + 1)
-        bar.close()
-        stats["time_s"]["stage2"] = time.perf_counter() - t0
+        run_stage(2, "stage 2/2: self-distillation Taylor", cursor, imp, distill_loss)
         imp.set_channel_mask(None)
         s2 = dist.all_reduce_scores_({k: v.float() for k, v in imp.scores().items()})
     final, keep = {}, {}
@@ -873,10 +870,10 @@ def run(args) -> int:
 def _run(args) -> int:
     from .data import calibration_windows
     from .evaluate import perplexity_on_source
-    from .loading import load_model
+    from .loading import default_dtype, load_model
 
     cfg, out, device, calib, eval_spec, source, plan = _validate_args(args)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = default_dtype(args.dtype, device)
     main = dist.is_main_process()
 
     def say(msg):

@@ -671,12 +671,6 @@ def _pad_id(tokenizer, model=None) -> int:
 # finetune
 
 
-def _default_dtype(cfg: FinetuneConfig, device: torch.device) -> str:
-    if cfg.dtype:
-        return cfg.dtype
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None, *, tokenizer=None,
              teacher=None) -> dict:
     """Fine-tune a (pruned) model on ``data`` and write it to ``out_dir``; returns the report dict.
@@ -693,7 +687,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     beside the student; recover_masked_ (pipeline --recover-steps) avoids it by recovering before
     slicing on one copy.
     """
-    from .loading import load_model, resolve_device, resolve_model
+    from .loading import default_dtype, load_model, resolve_device, resolve_model
 
     cfg = cfg or FinetuneConfig()
     _validate(cfg)
@@ -703,7 +697,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     elif out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
         raise InputError(f"output {out_dir} is already complete (nothing to resume; --overwrite to redo)")
     device = resolve_device(cfg.device)
-    dtype = _default_dtype(cfg, device)
+    dtype = default_dtype(cfg.dtype, device)
 
     # 1. cheap validation before loading weights
     is_module = isinstance(model_or_path, nn.Module)
