@@ -10,8 +10,11 @@ per-layer IoU of the kept channels of fused vs reference on the same samples.
     python benchmarks/bench_pipeline.py --max-memory 16GiB    # every run's batch from predict_peak_memory
     python benchmarks/bench_pipeline.py --smoke               # CPU: tiny shape, torch engine, 2 samples
 
-A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:mem=SIZE]: N samples per backward pass, gradient
-checkpointing off, the fused loss's token chunk, or a memory budget that picks the batch.
+A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:mem=SIZE][:n=SAMPLES]: N samples per backward
+pass, gradient checkpointing off, the fused loss's token chunk, a memory budget that picks the batch
+(SIZE such as 18GiB, or ref/3: a third of the measured peak of the same shape's reference run listed
+before it), or the number of samples of this run (default --samples; s/sample is per sample either
+way, so a batch that does not divide 16 can run whole batches).
 """
 from __future__ import annotations
 
@@ -156,33 +159,58 @@ def versions() -> dict:
 
 DEFAULT_RUNS = ",".join([
     "1b:reference",
-    "1b:fused:b=4",              # the default fused setting (checkpointing on)
-    "1b:fused:b=2:chunk=128",    # memory-lean: two samples per pass, a 128-row loss chunk
-    "1b:fused:b=8:ckpt=0",       # throughput: no checkpointing
+    "1b:fused:b=4",                   # the default fused setting (checkpointing on)
+    "1b:fused:mem=ref/3:chunk=128",   # the batch predicted to fit a third of the reference's peak
+    "1b:fused:b=12:chunk=128:n=48",   # the 1B target: >= 4x the reference and <= 1/3 of its peak
+    "1b:fused:b=16:chunk=128",
+    "1b:fused:b=8:ckpt=0",            # throughput: no checkpointing
     "8b:reference",
-    "8b:fused:mem=18GiB",        # the batch predict_peak_memory fits into 18 GiB
-    "8b:fused:b=4:ckpt=0",       # throughput on a large card
+    "8b:fused:mem=18GiB",             # the batch predict_peak_memory fits into 18 GiB
+    "8b:fused:b=4:ckpt=0",            # throughput on a large card
 ])
+KEYS = ("b", "ckpt", "chunk", "mem", "n")
 
 
 def parse_run(spec: str) -> dict:
-    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:mem=SIZE]' -> dict (b: samples per pass)."""
+    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
     parts = spec.strip().split(":")
+    want = "shape:engine[:b=N][:ckpt=0][:chunk=N][:mem=SIZE|ref/K][:n=SAMPLES]"
     if len(parts) < 2:
-        raise SystemExit(f"bad run spec {spec!r}: want shape:engine[:b=N][:ckpt=0][:chunk=N][:mem=SIZE]")
-    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "mem": None, "spec": spec}
+        raise SystemExit(f"bad run spec {spec!r}: want {want}")
+    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "mem": None, "n": None,
+           "spec": spec}
     for kv in parts[2:]:
         k, _, v = kv.partition("=")
-        if k not in ("b", "ckpt", "chunk", "mem"):
-            raise SystemExit(f"bad run spec {spec!r}: unknown key {k!r}")
-        run[k] = v if k == "mem" else (v not in ("0", "false") if k == "ckpt" else int(v))
+        if k not in KEYS:
+            raise SystemExit(f"bad run spec {spec!r}: unknown key {k!r} (want {want})")
+        try:
+            run[k] = v if k == "mem" else (v not in ("0", "false") if k == "ckpt" else int(v))
+        except ValueError:
+            raise SystemExit(f"bad run spec {spec!r}: {k}={v!r} is not an integer") from None
+    if run["mem"] and run["mem"].startswith("ref/"):
+        try:
+            run["mem_ref_divisor"] = float(run["mem"][4:])
+        except ValueError:
+            raise SystemExit(f"bad run spec {spec!r}: mem=ref/K needs a number K") from None
     return run
+
+
+def resolve_budget(run: dict, reference_peaks: dict) -> dict:
+    """mem=ref/K -> a byte budget from the measured peak of this shape's reference run (or an error)."""
+    k = run.get("mem_ref_divisor")
+    if k is None:
+        return run
+    peak = reference_peaks.get(run["shape"])
+    if peak is None:
+        return dict(run, error=f"mem={run['mem']}: no measured {run['shape']}:reference run before this one")
+    return dict(run, mem=str(int(peak * 2**30 / k)), mem_spec=run["mem"])
 
 
 def run_one(args, run: dict, save_keep=None) -> dict:
     b = run["b"] if run["b"] is not None else args.batch_size
+    n = run.get("n") or args.samples
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", run["shape"], "--engine", run["engine"],
-           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(b)]
+           "--samples", str(n), "--seq-len", str(args.seq_len), "--batch-size", str(b)]
     mem = run["mem"] or args.max_memory
     if mem:
         cmd += ["--max-memory", mem]
@@ -281,13 +309,23 @@ def main(argv=None) -> int:
     out = out_path(args.out, args.smoke)
     report = {"versions": versions(), "smoke": args.smoke, "samples": args.samples, "seq_len": args.seq_len,
               "runs": []}
-    keeps = {}
+    keeps, reference_peaks = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, run in enumerate(runs):
-            # the first 1b run of each engine keeps its channels for the fused-vs-reference IoU
-            want_keep = run["shape"] == "1b" and run["engine"] not in keeps
+            run = resolve_budget(run, reference_peaks)
+            if "error" in run:
+                r = {"spec": run["spec"], "shape": run["shape"], "engine": run["engine"], "error": run["error"]}
+                print(json.dumps(r), flush=True)
+                report["runs"].append(r)
+                continue
+            # the first 1b run of each engine on the default samples keeps its channels for the IoU
+            want_keep = run["shape"] == "1b" and run["engine"] not in keeps and not run.get("n")
             keep_path = os.path.join(tmp, f"{i}.pt") if want_keep else None
             r = run_one(args, run, keep_path)
+            if run.get("mem_spec"):
+                r["max_memory_spec"] = run["mem_spec"]
+            if run["engine"] == "reference" and r.get("peak_memory_gib"):
+                reference_peaks[run["shape"]] = r["peak_memory_gib"]
             print(json.dumps({k: v for k, v in r.items() if k != "predicted"}), flush=True)
             report["runs"].append(r)
             if keep_path and os.path.exists(keep_path):

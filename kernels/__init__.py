@@ -6,5 +6,5 @@ asks for the Triton interpreter (tests do).
 """
 from .utils import triton_available, use_triton  # noqa: F401
 from .taylor_importance import accumulate_taylor_scores_  # noqa: F401
-from .gated_mlp import gated_mlp_with_importance  # noqa: F401
+from .gated_mlp import checkpoint_context_fn, gated_mlp_with_importance  # noqa: F401
 from .fused_linear_distill_loss import FusedLinearDistillLoss, fused_linear_distill_loss  # noqa: F401

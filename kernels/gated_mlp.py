@@ -5,12 +5,17 @@
 Backward (dY given): dH = dY W_down [* mask], dU = dH * act(G), dG = dH * U * act'(G),
 dX = dG W_gate + dU W_up, and ``accumulate_taylor_scores_`` adds the per-sample channel scores.
 Weights get no gradient (they must have requires_grad=False). The activation act(G) is recomputed
-in backward from the saved gate output instead of being kept.
+in backward from the saved gate output instead of being kept, and backward runs in token chunks of
+whole samples, so its [T, I] temporaries are [chunk, I]. Under activation checkpointing with
+``checkpoint_context_fn`` only X is saved: backward recomputes G and U chunk by chunk, and the
+checkpoint's recompute of the layer can skip the MLP entirely (see ``checkpoint_context_fn``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Optional
+import threading
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,64 +85,167 @@ def _masked(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return h if mask is None else h * mask
 
 
+# -------------------------------------------------------------------- checkpoint cooperation
+# Under activation checkpointing a decoder layer runs twice: the original forward (whose saved
+# tensors are dropped) and the recompute in backward (whose saved tensors are used). Inside a region
+# run with ``checkpoint_context_fn(skip_output_in_recompute=True)`` the MLP saves only its input x in
+# both passes (torch.utils.checkpoint requires the same saved tensors) and the recompute does no MLP
+# work at all: in a LLaMA-style layer the MLP output only feeds the residual add, which saves nothing,
+# so it returns zeros there. Backward then computes the gate/up outputs chunk by chunk from x. Net:
+# the down projection's recompute (a third of the MLP forward) is skipped and no [T, I] activation of
+# a layer is ever held whole.
+_mode = threading.local()
+
+
+@contextlib.contextmanager
+def _region(mode: Tuple[str, bool]):
+    prev = getattr(_mode, "value", None)
+    _mode.value = mode
+    try:
+        yield
+    finally:
+        _mode.value = prev
+
+
+def checkpoint_context_fn(skip_output_in_recompute: bool = True) -> Callable[[], Tuple]:
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (or HF's
+    ``gradient_checkpointing_kwargs``). With ``skip_output_in_recompute`` (default),
+    ``gated_mlp_with_importance(save="auto")`` inside the checkpointed region saves only its input and
+    the recompute runs no MLP matmul. That is only correct when nothing after the MLP inside the region
+    saves tensors for backward (the LLaMA/Mistral/Qwen layer ends in ``residual + mlp(x)``); a post-MLP
+    norm (Gemma 2/3) would read the zeros, so pass False there (the MLP then saves its activations)."""
+
+    def context_fn():
+        return _region(("forward", skip_output_in_recompute)), _region(("recompute", skip_output_in_recompute))
+
+    return context_fn
+
+
+# Bytes of [chunk, I] temporaries a backward chunk may hold (the chunk is rounded to whole samples).
+BACKWARD_CHUNK_BYTES = 256 * 2**20
+
+
+def backward_chunks(T: int, bounds: Optional[List[int]], max_tokens: int) -> List[Tuple[int, int, int, int]]:
+    """[(t0, t1, s0, s1)]: token ranges covering [0, T), each cut only at sample boundaries and
+    holding the whole samples s0..s1-1 (at least one sample per range, so a sample longer than
+    max_tokens is one range). bounds: sorted host offsets [S+1] or None (no samples: any cut)."""
+    max_tokens = max(1, int(max_tokens))
+    if bounds is None:
+        return [(t, min(T, t + max_tokens), 0, 0) for t in range(0, T, max_tokens)] or [(0, 0, 0, 0)]
+    ends_at = sorted({b for b in bounds if 0 < b < T} | {T})
+    out, t0 = [], 0
+    while t0 < T:
+        ends = [c for c in ends_at if c > t0]
+        fit = [c for c in ends if c - t0 <= max_tokens]
+        t1 = fit[-1] if fit else ends[0]
+        out.append((t0, t1))
+        t0 = t1
+    ranges = []
+    for t0, t1 in out:
+        s = [i for i in range(len(bounds) - 1) if bounds[i] >= t0 and bounds[i + 1] <= t1]
+        ranges.append((t0, t1, s[0], s[-1] + 1) if s else (t0, t1, 0, 0))
+    return ranges
+
+
 class _GatedMLPImportance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, mask, act, scores, seg_offsets,
-                token_mask, backend, accumulate_if):
+                seg_bounds, token_mask, backend, accumulate_if, save_input_only, skip_compute, token_chunk):
         _check_not_meta(w_gate, w_up, w_down, b_gate, b_up, b_down)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        g = F.linear(x2, w_gate, b_gate)
-        u = F.linear(x2, w_up, b_up)
-        h = _masked(apply_activation(act, g) * u, mask)
-        y = F.linear(h, w_down, b_down)
-        # saved: x, g, u (act(g) and h are recomputed); weights are saved tensors so that FSDP2 can
-        # re-gather them for backward.
-        ctx.save_for_backward(x2, g, u, w_gate, w_up, w_down, mask)
+        if skip_compute:
+            # checkpoint recompute of a layer whose MLP output only feeds the residual add: the output
+            # is never read, only the saved tensors below are
+            y = x2.new_zeros(x2.shape[0], w_down.shape[0])
+            g = u = None
+        else:
+            g = F.linear(x2, w_gate, b_gate)
+            u = F.linear(x2, w_up, b_up)
+            h = _masked(apply_activation(act, g) * u, mask)
+            y = F.linear(h, w_down, b_down)
+            del h
+        if save_input_only:
+            g = u = None
+        # saved: x (+ g, u unless save_input_only; act(g) and h are recomputed); weights and biases are
+        # saved tensors so that FSDP2 can re-gather them for backward.
+        ctx.save_for_backward(x2, g, u, w_gate, b_gate, w_up, b_up, w_down, mask)
         # non-tensor state lives on ctx: under non-reentrant checkpointing the recompute replaces the
         # saved tensors only, so these stay the values of the original forward.
-        ctx.act, ctx.scores, ctx.seg_offsets, ctx.token_mask = act, scores, seg_offsets, token_mask
-        ctx.backend, ctx.accumulate_if, ctx.shape = backend, accumulate_if, shape
+        ctx.act, ctx.scores, ctx.seg_offsets, ctx.seg_bounds = act, scores, seg_offsets, seg_bounds
+        ctx.token_mask, ctx.backend, ctx.accumulate_if, ctx.shape = token_mask, backend, accumulate_if, shape
+        ctx.token_chunk = token_chunk
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, w_gate, w_up, w_down, mask = ctx.saved_tensors
+        x2, g, u, w_gate, b_gate, w_up, b_up, w_down, mask = ctx.saved_tensors
         _check_not_meta(w_gate, w_up, w_down)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.dtype != g.dtype:
-            dy2 = dy2.to(g.dtype)
-        dh = _masked(dy2 @ w_down.to(dy2.dtype), mask)          # [T, I]
-        a = apply_activation(ctx.act, g)
-        d_up = dh * a
-        h = _masked(a.mul_(u), mask)                          # a's buffer becomes h
-        d_gate = activation_backward(ctx.act, dh.mul_(u), g)  # dh's buffer becomes dA
-        del dh
-        dx = d_gate @ w_gate.to(d_gate.dtype)
-        dx.addmm_(d_up, w_up.to(d_up.dtype))
+        cdt = x2.dtype if g is None else g.dtype
+        if dy2.dtype != cdt:
+            dy2 = dy2.to(cdt)
+        T = x2.shape[0]
         scores = ctx.scores
-        if scores is not None and (ctx.accumulate_if is None or ctx.accumulate_if()):
-            accumulate_taylor_scores_(scores, x2, d_gate, d_up, h, dy2, w_gate, w_up, w_down,
-                                      ctx.seg_offsets, ctx.token_mask, backend=ctx.backend)
+        if scores is not None and not (ctx.accumulate_if is None or ctx.accumulate_if()):
+            scores = None
+        seg, bounds = ctx.seg_offsets, None
+        if scores is not None:
+            bounds = ctx.seg_bounds
+            if bounds is None:
+                bounds = [int(v) for v in seg.tolist()]  # explicit device offsets: one sync
+            if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
+                bounds = [0, T]  # unsorted offsets: one range, the kernel handles any order
+        dx = torch.empty(T, x2.shape[1], dtype=cdt, device=x2.device)
+        for t0, t1, s0, s1 in backward_chunks(T, bounds, ctx.token_chunk):
+            xc, dyc = x2[t0:t1], dy2[t0:t1]
+            if g is None:
+                gc, uc = F.linear(xc, w_gate, b_gate), F.linear(xc, w_up, b_up)
+            else:
+                gc, uc = g[t0:t1], u[t0:t1]
+            dh = _masked(dyc @ w_down.to(cdt), mask)          # [C, I]
+            a = apply_activation(ctx.act, gc)
+            d_up = dh * a
+            h = _masked(a.mul_(uc), mask)                      # a's buffer becomes h
+            d_gate = activation_backward(ctx.act, dh.mul_(uc), gc)  # dh's buffer becomes dA
+            del dh, a
+            torch.matmul(d_gate, w_gate.to(cdt), out=dx[t0:t1])
+            dx[t0:t1].addmm_(d_up, w_up.to(cdt))
+            if scores is not None and s1 > s0:
+                if (t0, t1) == (0, T):
+                    seg_c = seg
+                else:
+                    seg_c = seg[s0:s1 + 1] - t0
+                tm = None if ctx.token_mask is None else ctx.token_mask[t0:t1]
+                accumulate_taylor_scores_(scores, xc, d_gate, d_up, h, dyc, w_gate, w_up, w_down,
+                                          seg_c, tm, backend=ctx.backend)
+            del gc, uc, h, d_gate, d_up
         dx = dx.reshape(ctx.shape).to(x2.dtype)
-        return (dx,) + (None,) * 13
+        return (dx,) + (None,) * 17
 
 
-def _segments(x: torch.Tensor, seg_offsets: Optional[torch.Tensor]) -> torch.Tensor:
-    """Default segments: each row of a [B, L, d] input (or one segment of a 2-D input)."""
+def _segments(x: torch.Tensor, seg_offsets: Optional[torch.Tensor]):
+    """(offsets tensor [S+1], host offsets or None). Default: each row of a [B, L, d] input (or one
+    segment of a 2-D input), known on the host; explicit CPU offsets are read here, explicit device
+    offsets only if backward needs them (one sync)."""
     if seg_offsets is not None:
-        return seg_offsets
+        host = [int(v) for v in seg_offsets.tolist()] if seg_offsets.device.type == "cpu" else None
+        return seg_offsets, host
     T = x.numel() // x.shape[-1]
     n_rows = x.shape[0] if x.dim() == 3 else 1
     step = T // n_rows
-    return torch.arange(0, n_rows + 1, device=x.device, dtype=torch.int64) * step
+    return torch.arange(0, n_rows + 1, device=x.device, dtype=torch.int64) * step, [i * step for i in range(n_rows + 1)]
+
+
+SAVE_MODES = ("auto", "activations", "input")
 
 
 def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
                               scores: Optional[torch.Tensor] = None, seg_offsets: Optional[torch.Tensor] = None,
                               channel_mask: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
                               backend: str = "auto",
-                              accumulate_if: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                              accumulate_if: Optional[Callable[[], bool]] = None,
+                              save: str = "auto", backward_chunk: Optional[int] = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x) [* channel_mask])`` with a backward that accumulates importance.
 
     x: [..., d] (a [B, L, d] input makes each batch row one sample). gate, up: nn.Linear d -> I (or
@@ -147,12 +255,21 @@ def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
     (default: batch rows). channel_mask: [I] bool/float multiplying H (pruned channels = 0).
     token_mask: bool [T] (flattened), False rows are excluded from the scores (padding).
     accumulate_if: called when backward runs; a False answer skips the accumulation.
+    save: "activations" keeps x and the gate/up outputs [T, I] for backward; "input" keeps x only and
+    backward recomputes gate/up (two more matmuls, no [T, I] saved); "auto" is "input" inside a layer
+    checkpointed with ``checkpoint_context_fn(skip_output_in_recompute=True)`` (whose recompute then
+    does no MLP work, so the gate/up matmuls still run once per pass), else "activations". backward_chunk: tokens per backward chunk
+    (rounded to whole samples; None: [chunk, I] temporaries of at most BACKWARD_CHUNK_BYTES).
 
     Differentiated: x only. Every weight and bias must have requires_grad=False (weights get no
     gradient); biases take part in forward but not in the importance.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if save not in SAVE_MODES:
+        raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
+    if backward_chunk is not None and int(backward_chunk) < 1:
+        raise ValueError(f"backward_chunk must be a positive number of tokens, got {backward_chunk}")
     wb = []
     for name, lin in (("gate", gate), ("up", up), ("down", down)):
         w, b = (lin.weight, lin.bias) if hasattr(lin, "weight") else lin
@@ -177,7 +294,18 @@ def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
         token_mask = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
         if token_mask.numel() != x.numel() // x.shape[-1]:
             raise ValueError(f"token_mask has {token_mask.numel()} entries for {x.numel() // x.shape[-1]} tokens")
+    seg_bounds = None
     if scores is not None:
-        seg_offsets = _segments(x, seg_offsets)
+        seg_offsets, seg_bounds = _segments(x, seg_offsets)
+    phase, skipping = getattr(_mode, "value", None) or (None, False)
+    # the original forward and the recompute must save the same tensors (torch.utils.checkpoint
+    # checks), so both follow the region's skip setting
+    save_input_only = save == "input" or (save == "auto" and skipping)
+    skip_compute = save_input_only and skipping and phase == "recompute"
+    if backward_chunk is None:
+        # [chunk, I] temporaries of backward: dH/dA, act/H, dU (+ the recomputed gate/up outputs)
+        per_token = (5 if save_input_only else 3) * w_gate.shape[0] * x.element_size()
+        backward_chunk = max(1, BACKWARD_CHUNK_BYTES // per_token)
     return _GatedMLPImportance.apply(x, w_gate, b_gate, w_up, b_up, w_down, b_down, mask, activation, scores,
-                                     seg_offsets, token_mask, backend, accumulate_if)
+                                     seg_offsets, seg_bounds, token_mask, backend, accumulate_if, save_input_only,
+                                     skip_compute, int(backward_chunk))

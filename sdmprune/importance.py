@@ -168,13 +168,12 @@ class TaylorImportance:
             if args or kwargs:
                 raise TypeError(f"patched MLP of layer {mlp.index} takes only the hidden states")
             scores = None
-            seg = token_mask = None
+            token_mask = None
             if torch.is_grad_enabled() and x.requires_grad:
                 scores = layer.ensure_scores(mlp.gate.weight.device)
                 if x.dim() != 3:
                     raise InputError(f"MLP input of layer {mlp.index} must be [B, L, d], got {tuple(x.shape)}")
-                B, L = x.shape[0], x.shape[1]
-                seg = torch.arange(0, B + 1, device=x.device, dtype=torch.int64) * L
+                B, L = x.shape[0], x.shape[1]  # samples = batch rows, the op's default segments
                 if engine._token_mask is not None:
                     if tuple(engine._token_mask.shape) != (B, L):
                         raise InputError(f"attention mask has shape {tuple(engine._token_mask.shape)} but the MLP "
@@ -182,7 +181,7 @@ class TaylorImportance:
                     token_mask = engine._token_mask.to(x.device).reshape(-1)
             count = (lambda: engine._count(B)) if (scores is not None and mlp.index == engine._first) else None
             return gated_mlp_with_importance(
-                x, mlp.gate, mlp.up, mlp.down, mlp.activation, scores=scores, seg_offsets=seg,
+                x, mlp.gate, mlp.up, mlp.down, mlp.activation, scores=scores,
                 channel_mask=layer.mask, token_mask=token_mask, backend=engine.backend,
                 accumulate_if=count or engine._accumulating)
 

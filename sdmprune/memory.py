@@ -18,9 +18,10 @@ The model (``predict_peak_memory``) follows what the engines keep alive, per ran
 * teacher cache: stage 2 reads the cached final hidden states of the batch, ``T*d*b`` on the GPU
   (the whole cache, ``N*L*d*b``, lives in host memory).
 * activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept, plus
-  one layer recomputed and back-propagated at a time (attention projections, the MLP's gate/up
-  outputs and their gradients, float32 norm statistics). Without checkpointing every layer's
-  saved tensors are kept.
+  one layer recomputed and back-propagated at a time (attention projections, float32 norm
+  statistics; the MLP saves only its input and back-propagates in chunks of whole samples holding
+  five ``chunk x I`` temporaries, chunk = 256 MiB worth, at least one sample). Without checkpointing
+  every layer's saved tensors are kept (the MLP's gate/up outputs among them).
 * scratch: the loss and the importance op. The fused LM-head loss holds float32 per-token
   statistics and one token x vocabulary tile; the unfused loss (reference engine) holds student and
   teacher logits, their float32 softmaxes and the logit gradient, ``T*V`` each. The fused importance
@@ -45,7 +46,6 @@ MiB = 1024 ** 2
 
 # Bytes per CUDA allocator context + cuBLAS workspaces + fragmentation headroom, per GPU.
 RUNTIME_OVERHEAD = 512 * MiB
-# Token x vocabulary tile the fused LM-head loss keeps in float32 (logits, probabilities).
 
 ENGINES = ("fused", "torch", "reference")
 
@@ -188,13 +188,25 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
 
     # one decoder layer's live tensors while it is recomputed and back-propagated
     attn = T * (3 * d + 2 * q + 3 * kv) * b + T * s.num_attention_heads * 4  # norm out, q/k/v (+rope), attn out, o; lse
-    mlp = T * (4 * I + 2 * d) * b  # gate/up outputs, act*up, their gradients (dG, dU reuse), dY, dX
     norms = 2 * T * d * 4  # RMSNorm float32 upcasts
-    one_layer = attn + mlp + norms
+    if engine == "reference":
+        # autograd's MLP: gate/up outputs, act*up, their gradients (dG, dU reuse), dY, dX
+        mlp_saved, mlp_backward = T * 4 * I * b, 2 * T * d * b
+    else:
+        from sdmprune.kernels.gated_mlp import BACKWARD_CHUNK_BYTES
+
+        # kernels.gated_mlp: with checkpointing the MLP saves only x and its backward recomputes gate/up
+        # in chunks of whole samples (5 [C, I] temporaries); without, it saves gate/up (2 [T, I]) and
+        # backward holds 3 [C, I] temporaries. dY and dX are [T, d].
+        per_token = (5 if gradient_checkpointing else 3) * I * b
+        C = min(T, max(seq_len, BACKWARD_CHUNK_BYTES // per_token // seq_len * seq_len))
+        mlp_saved = 0 if gradient_checkpointing else T * 2 * I * b
+        mlp_backward = C * per_token + 2 * T * d * b
+    one_layer = attn + norms + mlp_saved + mlp_backward
     if gradient_checkpointing:
         activations = n * T * d * b + one_layer + 2 * T * d * b  # layer inputs + one layer + residual grads
     else:
-        saved = T * (3 * d + 2 * q + 3 * kv + 3 * I) * b + norms // 2
+        saved = T * (3 * d + 2 * q + 3 * kv) * b + mlp_saved + norms // 2
         activations = n * saved + one_layer
     activations += 2 * T * d * b  # final hidden states and their gradient
 

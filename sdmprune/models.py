@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
 from torch import nn
 
 from .errors import SdmpruneError
@@ -92,6 +91,19 @@ class LlamaFamilyAdapter:
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.get_output_embeddings()
 
+    # Families whose decoder layer ends in ``residual + mlp(x)``: nothing after the MLP saves tensors
+    # for backward, so a checkpoint recompute may skip the MLP (kernels.gated_mlp.checkpoint_context_fn).
+    residual_after_mlp_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+    def mlp_output_feeds_residual_only(self, model: nn.Module) -> bool:
+        """True when each decoder layer adds the MLP output straight to the residual stream (no
+        post-MLP norm, scaling or dropout), checked by model type and by the layer's submodules."""
+        if getattr(model.config, "model_type", None) not in self.residual_after_mlp_types:
+            return False
+        layer = self.decoder_layers(model)[0]
+        names = {n for n, _ in layer.named_children()}
+        return not any("post_feedforward" in n or "post_mlp" in n or "dropout" in n for n in names)
+
     def gated_mlps(self, model: nn.Module) -> List[GatedMLP]:
         config = model.config
         if getattr(config, "final_logit_softcapping", None):
@@ -136,17 +148,22 @@ def mlp_widths(model: nn.Module) -> Dict[int, int]:
     return {m.index: m.width for m in find_gated_mlps(model)}
 
 
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> bool:
+def set_activation_checkpointing(model: nn.Module, enabled: bool, context_fn: Optional[Callable] = None) -> bool:
     """Turn (non-reentrant) activation checkpointing on or off under either transformers naming
     (``activation_checkpointing_*`` in newer 5.x, ``gradient_checkpointing_*`` before). Returns
-    whether it was on before. Non-reentrant: the recomputed forward needs no input requiring grad."""
+    whether it was on before (then it is left as it was). Non-reentrant: the recomputed forward needs
+    no input requiring grad. ``context_fn`` goes to torch.utils.checkpoint (e.g.
+    ``kernels.gated_mlp.checkpoint_context_fn``)."""
     new_api = hasattr(model, "activation_checkpointing_enable")
     was = bool(getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False))
     if enabled and not was:
+        kwargs = {"use_reentrant": False}
+        if context_fn is not None:
+            kwargs["context_fn"] = context_fn
         if new_api:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif was and not enabled:
         (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
     return was

@@ -225,10 +225,15 @@ def _tick(bar, ntok: int, device: torch.device) -> None:
 @contextmanager
 def _gradient_pass(model, checkpointing: bool):
     """Training mode (LLaMA-family models have no dropout) with optional gradient checkpointing;
-    restores mode, checkpointing and use_cache afterwards."""
+    restores mode, checkpointing and use_cache afterwards. Where the MLP output only feeds the
+    residual add, the checkpoint's recompute skips the MLP and the importance op saves only the MLP
+    input (kernels.gated_mlp.checkpoint_context_fn): less recompute and no [T, I] activations kept."""
+    from sdmprune.kernels.gated_mlp import checkpoint_context_fn
+
     was_training = model.training
     use_cache = getattr(model.config, "use_cache", None)
-    was_gc = set_activation_checkpointing(model, True) if checkpointing else None
+    context_fn = checkpoint_context_fn(get_adapter(model).mlp_output_feeds_residual_only(model))
+    was_gc = set_activation_checkpointing(model, True, context_fn=context_fn) if checkpointing else None
     model.config.use_cache = False
     model.train()
     try:

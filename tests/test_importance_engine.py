@@ -107,15 +107,19 @@ def test_freeze_mlp_only_leaves_other_grads(llama):
     assert_scores_close(imp.scores(), naive_scores(model, ids))
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["nonreentrant", "reentrant", "skip_mlp_recompute"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_checkpointing(backend, reentrant):
+def test_gradient_checkpointing(backend, mode):
+    from sdmprune.kernels.gated_mlp import checkpoint_context_fn
+
     model = tiny_model("llama", layers=2).requires_grad_(False)
     ids = batch(2, 9, seed=3)
     mask = random_masks(model, seed=4)
     want = naive_scores(model, ids, mask)
     model.train()  # HF checkpoints only in training mode (the tiny configs have no dropout)
-    kwargs = {"use_reentrant": reentrant}
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    if mode == "skip_mlp_recompute":  # what the pipeline installs: the recompute runs no MLP matmul
+        kwargs["context_fn"] = checkpoint_context_fn(skip_output_in_recompute=True)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -41,6 +41,24 @@ def test_prediction_terms_and_modes():
     assert totals == sorted(totals) and len(set(totals)) == 4
 
 
+def test_checkpointed_mlp_term_does_not_grow_with_the_batch():
+    """With checkpointing the fused op saves only the MLP input and back-propagates in chunks of
+    whole samples: the I-dependent part of the activations is fixed by the chunk, not by the batch.
+    The reference engine (autograd's MLP) keeps [T, I] tensors, so its part grows with the batch."""
+    from dataclasses import replace
+
+    s = BUILTIN_SHAPES["llama-3.2-1b"]
+    wide = replace(s, intermediate_size=4 * s.intermediate_size)
+
+    def i_part(engine, b, ckpt=True):
+        kw = dict(engine=engine, gradient_checkpointing=ckpt)
+        return predict_peak_memory(wide, 1024, b, **kw)["activations"] - predict_peak_memory(s, 1024, b, **kw)["activations"]
+
+    assert i_part("fused", 8) == i_part("fused", 32) > 0
+    assert i_part("reference", 32) == 4 * i_part("reference", 8) > 0
+    assert i_part("fused", 32, ckpt=False) > 3 * i_part("fused", 8, ckpt=False)  # gate/up saved per layer
+
+
 def test_largest_batch_is_the_boundary():
     s = BUILTIN_SHAPES["llama-3.2-1b"]
     budget = 16 * GiB

@@ -257,6 +257,93 @@ def test_gated_mlp_function_bf16_dx_and_scores():
     torch.testing.assert_close(scores.double(), ref, rtol=5e-2, atol=1e-2 * ref.abs().max().item())
 
 
+def test_backward_chunks_cut_at_sample_boundaries():
+    from sdmprune.kernels.gated_mlp import backward_chunks
+
+    # four samples of 5 tokens, at most 12 tokens per chunk: two samples per chunk
+    assert backward_chunks(20, [0, 5, 10, 15, 20], 12) == [(0, 10, 0, 2), (10, 20, 2, 4)]
+    # a sample longer than the chunk is one range on its own; tokens after the last sample join a range
+    assert backward_chunks(23, [0, 3, 13, 20], 5) == [(0, 3, 0, 1), (3, 13, 1, 2), (13, 20, 2, 3), (20, 23, 0, 0)]
+    # no samples: plain cuts; one range when everything fits
+    assert backward_chunks(7, None, 3) == [(0, 3, 0, 0), (3, 6, 0, 0), (6, 7, 0, 0)]
+    assert backward_chunks(20, [0, 5, 10, 15, 20], 100) == [(0, 20, 0, 4)]
+
+
+@pytest.mark.parametrize("save,chunk,seg,masked,backend", [
+    ("activations", 6, None, False, "torch"),     # batch rows, two rows per chunk
+    ("input", 7, None, True, "torch"),            # gate/up recomputed in backward, one row per chunk
+    ("input", 4, [0, 5, 9, 9, 21], True, "torch"),  # explicit ragged samples (one empty) on the CPU
+    ("input", None, [0, 4, 16, 21], False, "torch"),  # default chunk: one range
+    pytest.param("input", 5, [0, 5, 9, 9, 21], True, "triton", marks=triton_cpu),
+])
+def test_gated_mlp_chunked_backward_and_input_only_save(save, chunk, seg, masked, backend):
+    """Chunked backward and the input-only save give the dX and scores of the one-shot path, and both
+    match float64 autograd weight gradients (scores: rtol 1e-4; dX fp32: rtol 1e-5)."""
+    B, L, d, I = 3, 7, 16, 24
+    gate, up, down = make_mlp(d, I, True, torch.float32, seed=3)
+    mask = (torch.rand(I, generator=torch.Generator().manual_seed(1)) > 0.3) if masked else None
+    x = torch.randn(B, L, d, requires_grad=True)
+    dy = torch.randn(B, L, d)
+    seg_t = None if seg is None else torch.tensor(seg)
+    scores = torch.rand(I)
+    start = scores.clone()
+    y = gated_mlp_with_importance(x, gate, up, down, "silu", scores=scores, seg_offsets=seg_t, channel_mask=mask,
+                                  backend=backend, save=save, backward_chunk=chunk)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().clone().requires_grad_(True)
+    h = apply_activation("silu", gate(xr)) * up(xr)
+    yr = down(h * mask.float() if masked else h)
+    (dxr,) = torch.autograd.grad(yr, xr, dy)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dxr, rtol=1e-5, atol=1e-6)
+    if seg is None:
+        ref = naive_scores(x, dy, gate, up, down, "silu", mask)
+    else:  # float64 reference over the explicit samples of the flattened tokens
+        xs, dys = x.detach().reshape(-1, d), dy.reshape(-1, d)
+        ref = torch.zeros(I, dtype=torch.float64)
+        for a, b in zip(seg[:-1], seg[1:]):
+            if b > a:
+                ref += naive_scores(xs[a:b][None], dys[a:b][None], gate, up, down, "silu", mask)
+    torch.testing.assert_close((scores - start).double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_checkpoint_context_saves_input_and_skips_recompute(monkeypatch):
+    """Inside torch.utils.checkpoint with checkpoint_context_fn: the recompute runs no MLP matmul when
+    skipping is on, and dX / scores equal the uncheckpointed op's."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from sdmprune.kernels import gated_mlp as gm
+
+    B, L, d, I = 2, 6, 16, 24
+    gate, up, down = make_mlp(d, I, False, torch.float32, seed=5)
+    x = torch.randn(B, L, d, requires_grad=True)
+    dy = torch.randn(B, L, d)
+
+    def layer(inp):  # a LLaMA-style residual block around the MLP: only the residual add follows it
+        return inp + gated_mlp_with_importance(inp * 1.5, gate, up, down, "silu", scores=scores, backend="torch",
+                                               backward_chunk=L)
+
+    scores = torch.zeros(I)
+    (want_dx,) = torch.autograd.grad(layer(x), x, dy)
+    want = scores.clone()
+
+    calls = []
+    real_linear = F.linear
+    monkeypatch.setattr(gm.F, "linear", lambda *a: calls.append(a[1].shape) or real_linear(*a))
+    for skip in (False, True):
+        scores = torch.zeros(I)
+        calls.clear()
+        out = checkpoint(layer, x, use_reentrant=False, context_fn=gm.checkpoint_context_fn(skip))
+        assert len(calls) == 3  # the original forward: gate, up, down
+        (dx,) = torch.autograd.grad(out, x, dy)
+        # skip: no recompute, backward recomputes gate and up once per sample chunk (2 chunks);
+        # no skip: the recompute runs all three and backward reads the saved gate/up outputs
+        assert len(calls) == (3 + 0 + 4 if skip else 3 + 3 + 0)
+        torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-7)
+
+
 def test_gated_mlp_function_checks():
     gate, up, down = make_mlp(8, 12, False, torch.float32)
     x = torch.randn(2, 3, 8, requires_grad=True)

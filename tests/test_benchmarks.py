@@ -1,0 +1,48 @@
+"""The GPU benchmarks' host-side logic (run specs, budgets) and the CPU smoke run of bench_pipeline:
+the GPU session runs these scripts unchanged, so what can break on the CPU is checked here."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pipeline_run_specs_and_reference_budgets():
+    bp = load("bench_pipeline")
+    runs = [bp.parse_run(r) for r in bp.DEFAULT_RUNS.split(",")]
+    assert runs[0]["engine"] == "reference"
+    r = bp.parse_run("1b:fused:b=12:chunk=128:n=48:ckpt=0")
+    assert (r["b"], r["chunk"], r["n"], r["ckpt"], r["mem"]) == (12, 128, 48, False, None)
+    r = bp.parse_run("1b:fused:mem=ref/3")
+    assert r["mem_ref_divisor"] == 3.0
+    # a third of the reference's measured peak, in bytes; no reference measured yet -> an error entry
+    got = bp.resolve_budget(r, {"1b": 12.0})
+    assert int(got["mem"]) == 4 * 2**30 and got["mem_spec"] == "ref/3"
+    assert "no measured 1b:reference" in bp.resolve_budget(r, {})["error"]
+    assert bp.resolve_budget(bp.parse_run("8b:fused:mem=18GiB"), {})["mem"] == "18GiB"
+    for bad in ("1b", "1b:fused:x=1", "1b:fused:b=two", "1b:fused:mem=ref/x"):
+        with pytest.raises(SystemExit):
+            bp.parse_run(bad)
+
+
+def test_pipeline_smoke_run_writes_results(tmp_path):
+    out = tmp_path / "pipeline-smoke.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_pipeline.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["samples"] == 2 and run["stage_s"]["stage1"] > 0 and run["stage_s"]["stage2"] > 0
+    assert run["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
+    assert (tmp_path / "pipeline-smoke.md").exists()
