@@ -10,17 +10,18 @@ score gains ``sum_j |S_s[c, j]| / d``. The abs is per segment, never of the batc
 
 Triton kernel: one program per (I block, d block, segment). It reduces the three products over the
 segment's tokens into fp32 register tiles (``tl.dot``), multiplies them by the weight tiles, takes
-the abs, reduces over j and atomically adds the [BLOCK_I] partial sums into ``scores``. No [I, d]
-tensor is ever written. Two variants, chosen by the GPU autotuner: one pass with three fp32
+the abs, reduces over j and stores the [BLOCK_I] partial sum of its (segment, d block); one float32
+sum over those partials in a fixed order adds them into ``scores``. No [I, d] tensor is ever written. Two variants, chosen by the GPU autotuner: one pass with three fp32
 accumulators (small tiles), or SPLIT_ACC: three passes over the segment with one accumulator each,
 folded into a running element score (two register tiles, so 128 x 128 tiles fit). The SPLIT_ACC
 configs join the autotuner only with SDMPRUNE_TAYLOR_SPLIT_ACC=1: they were written after the last
 GPU session, are tested under the interpreter and compiled for sm_90, and are still to be run and
-timed on a GPU (tests/test_taylor_importance.py::test_kernel_variants_gpu forces them there). The PyTorch path computes the same in chunks of channels (bounded memory)
-and is the CPU path.
+timed on a GPU (tests/test_taylor_importance.py::test_kernel_variants_gpu forces them there). The
+PyTorch path computes the same in chunks of channels (bounded memory) and is the CPU path.
 
-Note on determinism: the d blocks and segments of a channel are combined with fp32 atomic adds, so
-the result can differ in the last bits between runs on a GPU.
+Determinism: no atomics. The partials ([segments, d blocks, I] float32, at most PARTIAL_BYTES per
+launch) are reduced by one torch sum, so the same inputs give the same scores, bit for bit, on every
+run (for a given autotuned tile, which fixes the d blocks).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ if triton_available():
 
     @triton.jit
     def _taylor_scores_kernel(
-        scores_ptr, seg_ptr, keep_ptr,
+        part_ptr, seg_ptr, keep_ptr,
         x_ptr, dg_ptr, du_ptr, h_ptr, dy_ptr,
         wg_ptr, wu_ptr, wd_ptr,
         I, D, inv_d,
@@ -124,7 +125,10 @@ if triton_available():
             wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
             s = acc_g * wg.to(tl.float32) + acc_u * wu.to(tl.float32) + acc_h * wdT.to(tl.float32)
         part = tl.sum(tl.abs(s), axis=1) * inv_d
-        tl.atomic_add(scores_ptr + offs_i, part, mask=mask_i)
+        # one [BLOCK_I] partial per (segment, d block), summed afterwards in a fixed order: no atomics,
+        # so the scores are the same bits on every run
+        row = (pid_s * tl.num_programs(1) + pid_d).to(tl.int64)
+        tl.store(part_ptr + row * I + offs_i, part, mask=mask_i)
 
     def _gpu_configs():
         """One-pass configs (three accumulators, so tiles stay small) and SPLIT_ACC configs (two
@@ -145,13 +149,19 @@ if triton_available():
                                      num_warps=warps, num_stages=stages))
         return out
 
-    # Autotuning re-runs the kernel, which adds into scores: restore_value undoes each trial.
+    # Autotuning re-runs the kernel: harmless, every run overwrites the partials it reads back. The
+    # choice is cached on disk (Triton's cache dir): later processes on the machine, a resumed prune
+    # among them, use the same tile and so the same summation order.
     _taylor_scores_kernel_tuned = triton.autotune(
-        configs=_gpu_configs(), key=["I", "D", "PRECISION", "UPCAST"], restore_value=["scores_ptr"],
+        configs=_gpu_configs(), key=["I", "D", "PRECISION", "UPCAST"], cache_results=True,
     )(_taylor_scores_kernel)
 
 # Fixed small tiles under the interpreter (each program is simulated in numpy).
 _INTERPRETER_BLOCKS = dict(BLOCK_I=32, BLOCK_D=32, BLOCK_T=16)
+# Bytes of float32 partial sums one launch may write (more segments: several launches).
+PARTIAL_BYTES = 64 * 2**20
+# Tests set this: fill the partial-sum buffer with NaN before the kernel writes it.
+POISON_SCRATCH = False
 
 
 def _check_inputs(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, seg_offsets, token_mask):
@@ -226,25 +236,44 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
     on_gpu = x.is_cuda and not interpreter_enabled()
     upcast = not on_gpu and dt in (torch.bfloat16, torch.float16)
     precision = "ieee" if (dt == torch.float32 or upcast) else "tf32"  # fp32 models: no TF32 rounding
-    args = (scores, seg, keep, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, I, D, 1.0 / D,
-            x.stride(0), x.stride(1), d_gate.stride(0), d_gate.stride(1), d_up.stride(0), d_up.stride(1),
-            h.stride(0), h.stride(1), dy.stride(0), dy.stride(1),
-            w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
-            w_down.stride(0), w_down.stride(1))
-
-    def grid(meta):
-        return (triton.cdiv(I, meta["BLOCK_I"]), triton.cdiv(D, meta["BLOCK_D"]), S)
-
     flags = dict(HAS_KEEP=token_mask is not None, PRECISION=precision, UPCAST=upcast)
     if on_gpu and split_acc is None:
-        with torch.cuda.device(x.device):
-            _taylor_scores_kernel_tuned[grid](*args, **flags)
-    elif on_gpu:
-        blocks = dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32) if split_acc else dict(BLOCK_I=64, BLOCK_D=128, BLOCK_T=32)
-        with torch.cuda.device(x.device):
-            _taylor_scores_kernel[grid](*args, **flags, **blocks, SPLIT_ACC=bool(split_acc), num_warps=8, num_stages=3)
+        kernel, blocks = _taylor_scores_kernel_tuned, {}
+        min_block_d = min(c.kwargs["BLOCK_D"] for c in _taylor_scores_kernel_tuned.configs)
     else:
-        _taylor_scores_kernel[grid](*args, **flags, **_INTERPRETER_BLOCKS, SPLIT_ACC=bool(split_acc), num_warps=4)
+        kernel = _taylor_scores_kernel
+        if on_gpu:
+            blocks = dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32) if split_acc else dict(BLOCK_I=64, BLOCK_D=128, BLOCK_T=32)
+            blocks.update(SPLIT_ACC=bool(split_acc), num_warps=8, num_stages=3)
+        else:
+            blocks = dict(_INTERPRETER_BLOCKS, SPLIT_ACC=bool(split_acc), num_warps=4)
+        min_block_d = blocks["BLOCK_D"]
+    # partial sums [segments, d blocks, I] in float32, a bounded number of segments per launch
+    rows_per_segment = triton.cdiv(D, min_block_d)
+    group = max(1, PARTIAL_BYTES // (rows_per_segment * I * 4))
+    part = torch.empty(min(S, group) * rows_per_segment * I, dtype=torch.float32, device=x.device)
+    if POISON_SCRATCH:
+        part.fill_(float("nan"))  # tests: a partial the kernel did not write shows up as NaN
+
+    def grid(meta):
+        return (triton.cdiv(I, meta["BLOCK_I"]), triton.cdiv(D, meta["BLOCK_D"]), n_seg)
+
+    for g0 in range(0, S, group):
+        n_seg = min(S, g0 + group) - g0
+        args = (part, seg[g0:g0 + n_seg + 1], keep, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, I, D, 1.0 / D,
+                x.stride(0), x.stride(1), d_gate.stride(0), d_gate.stride(1), d_up.stride(0), d_up.stride(1),
+                h.stride(0), h.stride(1), dy.stride(0), dy.stride(1),
+                w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
+                w_down.stride(0), w_down.stride(1))
+        if on_gpu:
+            with torch.cuda.device(x.device):
+                kernel[grid](*args, **flags, **blocks)
+        else:
+            kernel[grid](*args, **flags, **blocks)
+        block_d = kernel.best_config.kwargs["BLOCK_D"] if kernel is _taylor_scores_kernel_tuned else min_block_d
+        n_rows = n_seg * triton.cdiv(D, block_d)
+        # a fixed-order float32 sum over (segment, d block): deterministic
+        scores.add_(part[:n_rows * I].view(n_rows, I).sum(dim=0))
     return scores
 
 

@@ -109,6 +109,38 @@ def test_kernel_variants_match_float64_reference(split_acc, dtype):
     check_variant(split_acc, T, I, d, seg, dtype, keep=[i % 4 != 2 for i in range(T)])
 
 
+@triton_cpu
+@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
+def test_kernel_partials_poisoned_grouped_and_deterministic(monkeypatch, split_acc):
+    """The kernel writes every partial it reads back (the buffer starts as NaN), segments beyond one
+    launch's buffer go to further launches, and two runs give the same bits (no atomics)."""
+    T, I, d, seg = 45, 40, 70, [0, 7, 15, 15, 30, 44]  # ragged: an empty segment, a trailing row
+    monkeypatch.setattr(tmod, "POISON_SCRATCH", True)
+    monkeypatch.setattr(tmod, "PARTIAL_BYTES", 2 * 3 * I * 4)  # 2 segments of ceil(70 / 32) d blocks
+    launches = []
+    real = tmod._taylor_scores_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(args[1].numel() - 1)
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(tmod, "_taylor_scores_kernel", Counting())
+    inp = make_inputs(T, I, d, torch.float32, seed=11)
+    seg_t = torch.tensor(seg)
+    runs = []
+    for _ in range(2):
+        scores = torch.zeros(I)
+        tmod.taylor_scores_triton_(scores, *inp.values(), seg_t, split_acc=split_acc)
+        runs.append(scores)
+    assert launches == [2, 2, 1] * 2
+    assert torch.equal(runs[0], runs[1])
+    ref = reference_scores(*inp.values(), seg_t)
+    torch.testing.assert_close(runs[0].double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_cpu), "torch"])
 def test_token_mask_drops_rows_even_if_poisoned(backend):
     T, I, d, seg = 29, 36, 20, [0, 9, 29]
@@ -387,6 +419,20 @@ def test_kernel_variants_gpu(split_acc, dtype):
                   device="cuda")
 
 
+@cuda
+@pytest.mark.gpu
+def test_kernel_gpu_is_deterministic():
+    """The autotuned kernel (tuned on the first call) gives the same bits on repeated calls."""
+    inp = make_inputs(3 * 512, 1024, 512, torch.bfloat16, device="cuda", seed=5)
+    seg = torch.tensor([0, 512, 1024, 1536], device="cuda")
+    runs = []
+    for _ in range(3):
+        scores = torch.zeros(1024, device="cuda")
+        accumulate_taylor_scores_(scores, seg_offsets=seg, backend="triton", **inp)
+        runs.append(scores)
+    assert torch.equal(runs[1], runs[2]) and torch.equal(runs[0], runs[1])
+
+
 def test_kernel_variants_compiles_for_h100():
     """Both variants compile to sm_90 at the largest tiles the autotuner tries (no GPU needed)."""
     if not triton_available() or interpreter_enabled():
@@ -395,7 +441,7 @@ def test_kernel_variants_compiles_for_h100():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptrs = dict(scores_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", x_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16",
+    ptrs = dict(part_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", x_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16",
                 h_ptr="*bf16", dy_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", wd_ptr="*bf16")
     ints = ["I", "D", "s_xt", "s_xd", "s_gt", "s_gi", "s_ut", "s_ui", "s_ht", "s_hi", "s_yt", "s_yd",
             "s_wgi", "s_wgd", "s_wui", "s_wud", "s_wdd", "s_wdi"]
