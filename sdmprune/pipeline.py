@@ -263,7 +263,11 @@ class _TeacherCache:
             self.data = torch.empty(n, L, d, dtype=dtype, pin_memory=pin)
 
     def put(self, start: int, h: torch.Tensor) -> None:
-        self.data[start:start + h.shape[0]].copy_(h, non_blocking=False)
+        # Into pinned memory the device-to-host copy is queued on the stream instead of waiting for
+        # the forward to finish, so the loss and backward launch behind it; stage 2's reads are
+        # host-to-device copies on the same stream, hence ordered after it. A file-backed cache is
+        # pageable memory: the copy is synchronous there.
+        self.data[start:start + h.shape[0]].copy_(h, non_blocking=self.data.is_pinned())
 
     def get(self, start: int, b: int, device) -> torch.Tensor:
         return self.data[start:start + b].to(device, non_blocking=True)

@@ -34,6 +34,16 @@ def test_model_adapter_finds_gated_mlps():
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("family,expected", [("llama", True), ("qwen2", True), ("gemma", True), ("gemma2", False)])
+def test_adapter_knows_when_the_mlp_output_only_feeds_the_residual(family, expected):
+    """Only then may a checkpoint recompute skip the MLP: Gemma 2 normalizes the MLP output first."""
+    from conftest import tiny_model
+    from sdmprune.models import get_adapter
+
+    model = tiny_model(family, layers=1)
+    assert get_adapter(model).mlp_output_feeds_residual_only(model) is expected
+
+
 def test_model_without_gated_mlp_is_rejected():
     from transformers import GPT2Config, GPT2LMHeadModel
     from sdmprune.models import UnsupportedModelError, find_gated_mlps

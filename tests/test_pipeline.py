@@ -165,6 +165,27 @@ def test_batching_keeps_the_per_sample_abs():
                                    rtol=1e-5, atol=1e-9)
 
 
+def test_checkpoint_recompute_skips_the_mlp(monkeypatch):
+    """With checkpointing on (the default), the recompute of a LLaMA layer runs no MLP math and the
+    scores equal those of a run without checkpointing."""
+    from sdmprune.kernels import gated_mlp
+
+    phases = []
+    real = gated_mlp.apply_activation
+    monkeypatch.setattr(gated_mlp, "apply_activation",
+                        lambda *a: phases.append((getattr(gated_mlp._mode, "value", None) or ("none",))[0]) or real(*a))
+    x = calib(4, 12)
+    cfg = PruneConfig(width=100, stage1_keep=0.9, engine="torch", batch_size=2, progress=False)
+    ckpt = prune_model(tiny_model("llama", seed=6), x, cfg)
+    assert "forward" in phases and "recompute" not in phases
+    phases.clear()
+    plain = prune_model(tiny_model("llama", seed=6), x, cfg, gradient_checkpointing=False)
+    assert "forward" not in phases
+    for layer in ckpt.keep:
+        torch.testing.assert_close(ckpt.stage1_scores[layer], plain.stage1_scores[layer], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(ckpt.scores[layer], plain.scores[layer], rtol=1e-5, atol=1e-9)
+
+
 def test_round_to_and_stage1_width_floor():
     x = calib(2, 10)
     r = prune_model(tiny_model("llama"), x, PruneConfig(ratio=0.2, round_to=16, engine="torch", progress=False))
