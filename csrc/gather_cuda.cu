@@ -112,6 +112,27 @@ void gather_cols(const char* src, char* dst, const int64_t* idx, int64_t k, int6
   }
 }
 
+// Runs the plan's waves in stream order. Each wave copies units [begin, end) of `unit_bytes` bytes
+// (a row, or one row's kept columns) with `copy(dst, begin, n)`: straight into place when the
+// planner proved no later source is overwritten, else into the scratch buffer and then into place.
+template <typename CopyWave>
+void run_waves(const std::vector<Wave>& plan, int64_t unit_bytes, char* base, const at::Tensor& like,
+               cudaStream_t stream, CopyWave copy) {
+  const int64_t sb = plan_scratch_bytes(plan, unit_bytes);
+  at::Tensor scratch = sb > 0 ? at::empty({sb}, like.options().dtype(at::kByte)) : at::Tensor();
+  for (const Wave& wv : plan) {
+    const int64_t n = wv.end - wv.begin;
+    char* in_place = base + wv.begin * unit_bytes;
+    if (wv.direct) {
+      copy(in_place, wv.begin, n);
+    } else {
+      char* buf = static_cast<char*>(scratch.data_ptr());
+      copy(buf, wv.begin, n);
+      C10_CUDA_CHECK(cudaMemcpyAsync(in_place, buf, n * unit_bytes, cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+}
+
 at::Tensor gather_rows_cuda(at::Tensor& w, const at::Tensor& idx, int64_t scratch_bytes) {
   at::Tensor host = check_gather_args(w, idx, 0, "gather_rows_");
   const c10::cuda::CUDAGuard guard(w.device());
@@ -120,20 +141,11 @@ at::Tensor gather_rows_cuda(at::Tensor& w, const at::Tensor& idx, int64_t scratc
   const std::vector<Wave> plan = plan_gather_rows(host.data_ptr<int64_t>(), k, rb, scratch_bytes);
   const at::Tensor didx = idx.contiguous();
   const int64_t* d = didx.data_ptr<int64_t>();
-  const int64_t sb = plan_scratch_bytes(plan, rb);
-  at::Tensor scratch = sb > 0 ? at::empty({sb}, w.options().dtype(at::kByte)) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   char* base = static_cast<char*>(w.data_ptr());
-  for (const Wave& wv : plan) {
-    const int64_t n = wv.end - wv.begin;
-    if (wv.direct) {
-      copy_rows(base, base + wv.begin * rb, d + wv.begin, n, rb, stream);
-    } else {
-      char* buf = static_cast<char*>(scratch.data_ptr());
-      copy_rows(base, buf, d + wv.begin, n, rb, stream);
-      C10_CUDA_CHECK(cudaMemcpyAsync(base + wv.begin * rb, buf, n * rb, cudaMemcpyDeviceToDevice, stream));
-    }
-  }
+  run_waves(plan, rb, base, w, stream, [&](char* dst, int64_t begin, int64_t n) {
+    copy_rows(base, dst, d + begin, n, rb, stream);
+  });
   return w.as_strided({k, C}, {C, 1}, w.storage_offset());
 }
 
@@ -145,20 +157,11 @@ at::Tensor gather_cols_cuda(at::Tensor& w, const at::Tensor& idx, int64_t scratc
   const std::vector<Wave> plan = plan_gather_cols(host.data_ptr<int64_t>(), k, R, C, k * es, scratch_bytes);
   const at::Tensor didx = idx.contiguous();
   const int64_t* d = didx.data_ptr<int64_t>();
-  const int64_t sb = plan_scratch_bytes(plan, k * es);
-  at::Tensor scratch = sb > 0 ? at::empty({sb}, w.options().dtype(at::kByte)) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   char* base = static_cast<char*>(w.data_ptr());
-  for (const Wave& wv : plan) {
-    const int64_t n = wv.end - wv.begin;
-    if (wv.direct) {
-      gather_cols(base, base + wv.begin * k * es, d, k, C, wv.begin, n, es, stream);
-    } else {
-      char* buf = static_cast<char*>(scratch.data_ptr());
-      gather_cols(base, buf, d, k, C, wv.begin, n, es, stream);
-      C10_CUDA_CHECK(cudaMemcpyAsync(base + wv.begin * k * es, buf, n * k * es, cudaMemcpyDeviceToDevice, stream));
-    }
-  }
+  run_waves(plan, k * es, base, w, stream, [&](char* dst, int64_t begin, int64_t n) {
+    gather_cols(base, dst, d, k, C, begin, n, es, stream);
+  });
   return w.as_strided({R, k}, {k, 1}, w.storage_offset());
 }
 

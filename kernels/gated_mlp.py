@@ -133,17 +133,14 @@ def backward_chunks(T: int, bounds: Optional[List[int]], max_tokens: int) -> Lis
     if bounds is None:
         return [(t, min(T, t + max_tokens), 0, 0) for t in range(0, T, max_tokens)] or [(0, 0, 0, 0)]
     ends_at = sorted({b for b in bounds if 0 < b < T} | {T})
-    out, t0 = [], 0
+    ranges, t0 = [], 0
     while t0 < T:
         ends = [c for c in ends_at if c > t0]
         fit = [c for c in ends if c - t0 <= max_tokens]
         t1 = fit[-1] if fit else ends[0]
-        out.append((t0, t1))
+        inside = [i for i in range(len(bounds) - 1) if bounds[i] >= t0 and bounds[i + 1] <= t1]
+        ranges.append((t0, t1, inside[0], inside[-1] + 1) if inside else (t0, t1, 0, 0))
         t0 = t1
-    ranges = []
-    for t0, t1 in out:
-        s = [i for i in range(len(bounds) - 1) if bounds[i] >= t0 and bounds[i + 1] <= t1]
-        ranges.append((t0, t1, s[0], s[-1] + 1) if s else (t0, t1, 0, 0))
     return ranges
 
 

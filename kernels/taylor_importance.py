@@ -155,6 +155,8 @@ if triton_available():
     _taylor_scores_kernel_tuned = triton.autotune(
         configs=_gpu_configs(), key=["I", "D", "PRECISION", "UPCAST"], cache_results=True,
     )(_taylor_scores_kernel)
+    # the partial buffer is sized for the most d blocks any tuned config can use
+    _TUNED_MIN_BLOCK_D = min(c.kwargs["BLOCK_D"] for c in _taylor_scores_kernel_tuned.configs)
 
 # Fixed small tiles under the interpreter (each program is simulated in numpy).
 _INTERPRETER_BLOCKS = dict(BLOCK_I=32, BLOCK_D=32, BLOCK_T=16)
@@ -239,7 +241,7 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
     flags = dict(HAS_KEEP=token_mask is not None, PRECISION=precision, UPCAST=upcast)
     if on_gpu and split_acc is None:
         kernel, blocks = _taylor_scores_kernel_tuned, {}
-        min_block_d = min(c.kwargs["BLOCK_D"] for c in _taylor_scores_kernel_tuned.configs)
+        min_block_d = _TUNED_MIN_BLOCK_D
     else:
         kernel = _taylor_scores_kernel
         if on_gpu:
