@@ -18,9 +18,9 @@ The model (``predict_peak_memory``) follows what the engines keep alive, per ran
 * teacher cache: stage 2 reads the cached final hidden states of the batch, ``T*d*b`` on the GPU
   (the whole cache, ``N*L*d*b``, lives in host memory).
 * activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept, plus
-  one layer recomputed and back-propagated at a time (attention projections, float32 norm
-  statistics; the MLP saves only its input and back-propagates in chunks of whole samples holding
-  five ``chunk x I`` temporaries, chunk = 256 MiB worth, at least one sample). Without checkpointing
+  one layer recomputed and back-propagated at a time (attention projections; the RMSNorms keep their
+  input and a float32 1/rms per row; the MLP saves only its input and back-propagates in chunks of
+  whole samples holding five ``chunk x I`` temporaries, chunk = 256 MiB worth, at least one sample). Without checkpointing
   every layer's saved tensors are kept (the MLP's gate/up outputs among them).
 * scratch: the loss and the importance op. The fused LM-head loss holds float32 per-token
   statistics and one token x vocabulary tile; the unfused loss (reference engine) holds student and
@@ -188,7 +188,13 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
 
     # one decoder layer's live tensors while it is recomputed and back-propagated
     attn = T * (3 * d + 2 * q + 3 * kv) * b + T * s.num_attention_heads * 4  # norm out, q/k/v (+rope), attn out, o; lse
-    norms = 2 * T * d * 4  # RMSNorm float32 upcasts
+    if engine == "reference":
+        norms = 2 * T * d * 4  # transformers' RMSNorm keeps a float32 copy of its input, two per layer
+    else:
+        # kernels.rms_norm keeps its input and a float32 1/rms per row: the post-attention norm's input
+        # (the residual sum) is new, the input norm's is the layer input (the checkpoint's, or without
+        # checkpointing the residual stream, then kept as well)
+        norms = (1 if gradient_checkpointing else 2) * T * d * b + 2 * T * 4
     if engine == "reference":
         # autograd's MLP: gate/up outputs, act*up, their gradients (dG, dU reuse), dY, dX
         mlp_saved, mlp_backward = T * 4 * I * b, 2 * T * d * b
@@ -206,7 +212,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     if gradient_checkpointing:
         activations = n * T * d * b + one_layer + 2 * T * d * b  # layer inputs + one layer + residual grads
     else:
-        saved = T * (3 * d + 2 * q + 3 * kv) * b + mlp_saved + norms // 2
+        saved = T * (3 * d + 2 * q + 3 * kv) * b + mlp_saved + (norms // 2 if engine == "reference" else norms)
         activations = n * saved + one_layer
     activations += 2 * T * d * b  # final hidden states and their gradient
 

@@ -222,13 +222,25 @@ def _tick(bar, ntok: int, device: torch.device) -> None:
         bar.set_postfix(peak=f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB", refresh=False)
 
 
+def _seconds_since(t0: float, device: torch.device) -> float:
+    """Wall seconds since ``t0`` once the device has finished the work queued so far: the fused
+    loop never waits on the GPU, so without the sync a stage timer would stop while its last
+    batches are still running."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 @contextmanager
-def _gradient_pass(model, checkpointing: bool):
+def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
     """Training mode (LLaMA-family models have no dropout) with optional gradient checkpointing;
-    restores mode, checkpointing and use_cache afterwards. Where the MLP output only feeds the
-    residual add, the checkpoint's recompute skips the MLP and the importance op saves only the MLP
-    input (kernels.gated_mlp.checkpoint_context_fn): less recompute and no [T, I] activations kept."""
+    restores mode, checkpointing, use_cache and the norms afterwards. Where the MLP output only feeds
+    the residual add, the checkpoint's recompute skips the MLP and the importance op saves only the
+    MLP input (kernels.gated_mlp.checkpoint_context_fn): less recompute and no [T, I] activations
+    kept. The RMSNorms run kernels.rms_norm (``backend``), which keeps x and 1/rms for backward
+    instead of a float32 copy of x and the normalized output."""
     from sdmprune.kernels.gated_mlp import checkpoint_context_fn
+    from sdmprune.kernels.rms_norm import patch_rms_norms
 
     was_training = model.training
     use_cache = getattr(model.config, "use_cache", None)
@@ -237,7 +249,8 @@ def _gradient_pass(model, checkpointing: bool):
     model.config.use_cache = False
     model.train()
     try:
-        yield
+        with patch_rms_norms(model, backend):
+            yield
     finally:
         model.train(was_training)
         if checkpointing and not was_gc:
@@ -419,7 +432,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
             if _after_batch_hook is not None:
                 _after_batch_hook(stage_no, bi + 1)
         bar.close()
-        stats["time_s"][f"stage{stage_no}"] = time.perf_counter() - t0
+        stats["time_s"][f"stage{stage_no}"] = _seconds_since(t0, device)
 
     def ce_loss(bi, x, h):
         if teacher is not None:
@@ -433,7 +446,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
                                          alpha=cfg.alpha, temperature=cfg.temperature, backend=backend,
                                          token_chunk=cfg.loss_token_chunk)
 
-    with _gradient_pass(model, cfg.gradient_checkpointing), TaylorImportance(model, backend=backend) as imp:
+    with _gradient_pass(model, cfg.gradient_checkpointing, backend), TaylorImportance(model, backend=backend) as imp:
         if state is not None:
             stage, cursor = state["stage"], state["cursor"]
             s1, keep1 = state["stage1_scores"], state["stage1_keep"]
@@ -509,7 +522,7 @@ def _reference_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_w
                 _tick(bar, L, device)
             s1 = {k: v.cpu() for k, v in dist.all_reduce_scores_(imp.scores()).items()}
         bar.close()
-        stats["time_s"]["stage1"] = time.perf_counter() - t0
+        stats["time_s"]["stage1"] = _seconds_since(t0, device)
         if cfg.method == "taylor":
             return s1, None, s1, {k: top_channels(v, plan.width) for k, v in s1.items()}, None
         keep1 = {k: top_channels(v, stage1_width) for k, v in s1.items()}
@@ -535,7 +548,7 @@ def _reference_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_w
             s2 = {k: v.cpu() for k, v in dist.all_reduce_scores_(imp.scores()).items()}
         bar.close()
         del teacher
-        stats["time_s"]["stage2"] = time.perf_counter() - t0
+        stats["time_s"]["stage2"] = _seconds_since(t0, device)
     finally:
         model.train(was_training)
     final, keep = {}, {}
@@ -550,6 +563,7 @@ def _reference_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_w
 # ------------------------------------------------------------------------------------ baselines
 def _baseline_scores(model, tokens, cfg: PruneConfig, stats: dict) -> Dict[int, torch.Tensor]:
     mlps = find_gated_mlps(model)
+    device = mlps[0].down.weight.device
     t0 = time.perf_counter()
     if cfg.method == "magnitude":
         out = {m.index: (m.gate.weight.float().norm(dim=1) + m.up.weight.float().norm(dim=1)
@@ -567,7 +581,6 @@ def _baseline_scores(model, tokens, cfg: PruneConfig, stats: dict) -> Dict[int, 
             return hook
 
         hooks = [m.down.register_forward_pre_hook(hook_for(m.index)) for m in mlps]
-        device = mlps[0].down.weight.device
         idx = dist.shard_indices(tokens.shape[0])
         was_training = model.training
         model.eval()
@@ -585,7 +598,7 @@ def _baseline_scores(model, tokens, cfg: PruneConfig, stats: dict) -> Dict[int, 
                 h.remove()
         sq = dist.all_reduce_scores_(sq)  # sums of squares add across ranks; the sqrt comes after
         out = {m.index: (m.down.weight.float().abs().sum(0) * sq[m.index].sqrt()).cpu() for m in mlps}
-    stats["time_s"]["stage1"] = time.perf_counter() - t0
+    stats["time_s"]["stage1"] = _seconds_since(t0, device)
     return out
 
 

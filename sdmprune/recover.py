@@ -357,6 +357,11 @@ class _Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.fused = _fused_loss()
+        from .kernels.rms_norm import find_rms_norms
+
+        # the norms run kernels.rms_norm during a step (input and 1/rms kept for backward instead of
+        # float32 copies: about 8 KiB less per token and layer at d = 2048 without checkpointing)
+        self.norms = find_rms_norms(model)
 
     # data order: a pure function of (seed, epoch), so the step number is the whole data cursor
     def rows_for_step(self, step: int) -> torch.Tensor:
@@ -464,7 +469,10 @@ class _Trainer:
         distill = self.teacher_fn is not None
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        loss_sum, ce_sum, kl_sum = self.accumulate(idx)
+        from .kernels.rms_norm import patch_rms_norms
+
+        with patch_rms_norms(self.model, norms=self.norms):
+            loss_sum, ce_sum, kl_sum = self.accumulate(idx)
         cfg, rows = self.cfg, self.rows
         grad_norm = None
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:

@@ -186,6 +186,32 @@ def test_checkpoint_recompute_skips_the_mlp(monkeypatch):
         torch.testing.assert_close(ckpt.scores[layer], plain.scores[layer], rtol=1e-5, atol=1e-9)
 
 
+def test_gradient_pass_runs_the_fused_norms_and_restores_them(monkeypatch):
+    """Inside the importance passes every RMSNorm runs kernels.rms_norm; afterwards the model's own
+    forwards are back."""
+    model = tiny_model("llama", seed=7)
+    seen = []
+
+    def during(stage_no, done):
+        seen.append([type(m).__name__ for m in model.modules() if "forward" in m.__dict__ and "Norm" in type(m).__name__])
+
+    monkeypatch.setattr(pipeline, "_after_batch_hook", during)
+    prune_model(model, calib(2, 10), PruneConfig(width=100, stage1_keep=0.9, engine="torch", batch_size=2,
+                                                 progress=False))
+    assert len(seen) == 2 and all(s == ["LlamaRMSNorm"] * 5 for s in seen)  # 2 layers x 2 + the final norm
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_stage_timer_waits_for_the_device(monkeypatch):
+    """The fused loop never waits on the GPU: a stage's time is read after a device synchronize."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    t = pipeline._seconds_since(0.0, torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)] and t > 0
+    pipeline._seconds_since(0.0, torch.device("cpu"))
+    assert len(calls) == 1
+
+
 def test_round_to_and_stage1_width_floor():
     x = calib(2, 10)
     r = prune_model(tiny_model("llama"), x, PruneConfig(ratio=0.2, round_to=16, engine="torch", progress=False))

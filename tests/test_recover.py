@@ -294,10 +294,14 @@ def test_recover_masked_one_copy(monkeypatch):
             h, w = fn(ids, pos)
             with torch.no_grad():
                 ref = get_adapter(original).body(original)(input_ids=ids, position_ids=pos, use_cache=False)
-            assert torch.equal(h, ref.last_hidden_state)  # bit-exact: same weights, same ops
+            # same weights; inside a training step the norms run kernels.rms_norm (the Triton kernel
+            # under the interpreter), so equal up to float32 rounding
+            torch.testing.assert_close(h, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
             assert w is None  # shared LM head
             now = recover.base_storage_pointers(model_)
             assert {k: now[k] for k in before} == before  # LoRA wrapping copied no base weight
+            norms = [m for m in model_.modules() if type(m).__name__.endswith("RMSNorm")]
+            assert norms and all("forward" in m.__dict__ for m in norms)  # swapped during the step
             seen["teacher_calls"] += 1
             return h, w
         return wrapped
@@ -313,6 +317,7 @@ def test_recover_masked_one_copy(monkeypatch):
     stats = recover.recover_masked_(model, keep, None, tokens, 3, cfg)
     assert stats["steps"] == 3 and seen["teacher_calls"] == 3 * 2 and stats["base_storage_unchanged"]
     assert recover.base_storage_pointers(model) == before
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the norms' own forwards are back
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert all(not h for m in find_gated_mlps(model) for h in [m.down._forward_pre_hooks])
     assert not hasattr(model, "peft_config")

@@ -468,3 +468,118 @@ def test_kernel_gpu_matches_torch_path_bf16_large():
     accumulate_taylor_scores_(a, seg_offsets=seg, backend="triton", **inp)
     accumulate_taylor_scores_(b, seg_offsets=seg, backend="torch", **inp)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+# ------------------------------------------------------------ fused elementwise part of the gated MLP
+# Reference: float64 from the same (rounded) inputs. The kernels compute in float32 and round each
+# output once: float32 rtol 1e-5 (atol 1e-6 x max|ref|), bf16 2 ulp (rtol 2^-6, atol 1e-2 x max|ref|).
+EW_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -6, 1e-2)}
+
+
+def _ew_reference(g, u, dh, act, mask):
+    g, u, dh = g.double(), u.double(), dh.double()
+    m = torch.ones(g.shape[-1], dtype=torch.float64) if mask is None else mask.double()
+    a, da = apply_activation(act, g), activation_grad(act, g)
+    return a * u * m, dh * m * a, dh * m * u * da  # H, dU, dG
+
+
+def _ew_close(got, ref, dtype, what):
+    rtol, atol_rel = EW_TOL[dtype]
+    atol = atol_rel * max(ref.abs().max().item(), 1.0) if ref.numel() else 0.0
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@triton_cpu
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,masked", [((3, 40), False), ((7, 1000), True), ((1, 1), True), ((0, 8), False),
+                                          ((5, 1025), False), ((2, 96), True)])
+def test_gated_activation_kernels_match_float64(act, dtype, shape, masked, monkeypatch):
+    from sdmprune.kernels import gated_mlp as gmod
+
+    monkeypatch.setattr(gmod, "POISON_OUTPUTS", True)
+    calls = []
+    real_fwd, real_bwd = gmod._gated_act_fwd_kernel, gmod._gated_act_bwd_kernel
+
+    class Spy:  # records that the Triton kernels (not the PyTorch path) ran
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return self.k[grid]
+
+    monkeypatch.setattr(gmod, "_gated_act_fwd_kernel", Spy(real_fwd))
+    monkeypatch.setattr(gmod, "_gated_act_bwd_kernel", Spy(real_bwd))
+    gen = torch.Generator().manual_seed(7)
+    g, u, dh = (torch.randn(*shape, generator=gen).mul(2.5).to(dtype) for _ in range(3))
+    mask = (torch.rand(shape[-1], generator=gen) > 0.3).to(dtype) if masked else None
+    h_ref, du_ref, dg_ref = _ew_reference(g, u, dh, act, mask)
+    h = gmod.gated_activation_forward(g, u, act, mask, backend="triton")
+    dh_in = dh.clone()
+    d_up, d_gate, h2 = gmod.gated_activation_backward(g, u, dh_in, act, mask, backend="triton")
+    assert d_gate.data_ptr() == dh_in.data_ptr()  # written over dH's buffer
+    for got, ref, what in ((h, h_ref, "H fwd"), (h2, h_ref, "H bwd"), (d_up, du_ref, "dU"), (d_gate, dg_ref, "dG")):
+        assert got.dtype == dtype and got.shape == ref.shape
+        _ew_close(got, ref, dtype, what)
+    if g.numel():
+        assert len(calls) == 2
+
+
+def test_gated_activation_torch_path_and_fallbacks():
+    """The PyTorch path (exact GELU always takes it) gives the same three tensors."""
+    from sdmprune.kernels import gated_mlp as gmod
+
+    gen = torch.Generator().manual_seed(3)
+    g, u, dh = (torch.randn(4, 33, generator=gen) for _ in range(3))
+    mask = (torch.rand(33, generator=gen) > 0.5).float()
+    for act in ACTIVATIONS:
+        h_ref, du_ref, dg_ref = _ew_reference(g, u, dh, act, mask)
+        d_up, d_gate, h = gmod.gated_activation_backward(g, u, dh.clone(), act, mask, backend="torch")
+        for got, ref in ((h, h_ref), (d_up, du_ref), (d_gate, dg_ref)):
+            _ew_close(got, ref, torch.float32, act)
+        _ew_close(gmod.gated_activation_forward(g, u, act, mask, backend="torch"), h_ref, torch.float32, act)
+    assert not gmod._fusable("gelu", "triton", g, u)
+    assert not gmod._fusable("silu", "triton", g.t(), u.t())  # not contiguous
+
+
+def test_gated_activation_kernels_compiles_for_h100():
+    """Both elementwise kernels compile to sm_90 for every Triton activation (no GPU needed)."""
+    if not triton_available() or interpreter_enabled():
+        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sdmprune.kernels import gated_mlp as gmod
+
+    for act in gmod.TRITON_ACTIVATIONS.values():
+        cx = dict(ACT=act, HAS_MASK=True, BLOCK=gmod._EW_BLOCK)
+        fwd = dict(g_ptr="*bf16", u_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", N="i64", I="i32",
+                   **{k: "constexpr" for k in cx})
+        bwd = dict(g_ptr="*bf16", u_ptr="*bf16", dh_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", dup_ptr="*bf16",
+                   dg_ptr="*bf16", N="i64", I="i32", **{k: "constexpr" for k in cx})
+        for fn, sig in ((gmod._gated_act_fwd_kernel, fwd), (gmod._gated_act_bwd_kernel, bwd)):
+            try:
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
+                if "ptxas" in str(e) or "not found" in str(e).lower():
+                    pytest.skip(f"no CUDA toolchain in this triton install: {e}")
+                raise
+            assert "ptx" in compiled.asm
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activation_kernels_gpu(act):
+    from sdmprune.kernels import gated_mlp as gmod
+
+    gen = torch.Generator().manual_seed(5)
+    g, u, dh = (torch.randn(1000, 8192, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+    mask = (torch.rand(8192, generator=gen) > 0.3).to("cuda", torch.bfloat16)
+    h_ref, du_ref, dg_ref = _ew_reference(g.cpu(), u.cpu(), dh.cpu(), act, mask.cpu())
+    d_up, d_gate, h = gmod.gated_activation_backward(g, u, dh.clone(), act, mask, backend="triton")
+    for got, ref, what in ((h, h_ref, "H"), (d_up, du_ref, "dU"), (d_gate, dg_ref, "dG")):
+        _ew_close(got.cpu(), ref, torch.bfloat16, what)
