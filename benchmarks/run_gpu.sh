@@ -42,9 +42,9 @@ fi
 if [ -n "${BENCHES:-}" ]; then
   benches=$BENCHES
 elif [ "${QUICK:-0}" = "1" ]; then
-  benches="bench_gather bench_fused_linear_distill_loss bench_taylor_importance"
+  benches="bench_gather bench_fused_linear_distill_loss bench_taylor_importance bench_layer_ops"
 else
-  benches="bench_gather bench_fused_linear_distill_loss bench_taylor_importance bench_pipeline bench_offload bench_recovery"
+  benches="bench_gather bench_fused_linear_distill_loss bench_taylor_importance bench_layer_ops bench_pipeline bench_offload bench_recovery"
 fi
 [ "$benches" = none ] && benches=""
 for b in $benches; do

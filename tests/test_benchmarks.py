@@ -46,3 +46,15 @@ def test_pipeline_smoke_run_writes_results(tmp_path):
     assert run["samples"] == 2 and run["stage_s"]["stage1"] > 0 and run["stage_s"]["stage2"] > 0
     assert run["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
     assert (tmp_path / "pipeline-smoke.md").exists()
+
+
+def test_layer_ops_smoke_run_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layer_ops.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "layer_ops.json").read_text())
+    assert report["smoke"] and report["device"].startswith("CPU")
+    ops = {r["op"]: r for r in report["rows"]}
+    assert ops["rms_norm"]["transformers_ms"] > 0 and ops["rms_norm"]["sdmprune_saved_bytes"] > 0
+    assert ops["gated_activation"]["torch_bwd_ms"] > 0 and ops["gated_activation"]["sdmprune_bwd_ms"] > 0
