@@ -4,11 +4,14 @@
   transformers' LlamaRMSNorm (autograd over ~6 kernels), ``sdmprune.kernels.rms_norm`` (one Triton
   kernel each way), and Liger-Kernel's RMSNorm when it is installed. Also the bytes each keeps for
   backward (counted with saved-tensor hooks).
+* ``rotary``: forward + backward of transformers' ``apply_rotary_pos_emb`` on q [B, 32, L, D] and
+  k [B, 8, L, D] (the transposed views the attention makes), against ``kernels/rotary.py``.
 * ``gated_activation``: the elementwise part of the gated MLP between its matmuls, [T, I] bf16 with a
   channel mask (stage 2): forward H = act(G) * U * mask and backward (dU, dG, H from dH), the PyTorch
   path against the Triton kernels of ``kernels/gated_mlp.py``.
 
-Shapes: T = 8192 tokens; d in {2048, 4096}, I in {8192, 14336} (Llama-3.2-1B, Llama-3.1-8B).
+Shapes: T = 8192 tokens; d in {2048, 4096}, I in {8192, 14336}, head_dim in {64, 128} (Llama-3.2-1B,
+Llama-3.1-8B).
 Writes ``<out>/layer_ops.json`` with the device, versions and median milliseconds of both sides of
 each comparison measured in the same process::
 
@@ -33,6 +36,7 @@ from sdmprune.kernels.rms_norm import rms_norm
 TOKENS = 8192
 NORM_DIMS = [2048, 4096]
 MLP_WIDTHS = [8192, 14336]
+HEAD_DIMS = [64, 128]
 
 
 def timed(fn, reps: int, warmup: int, device) -> float:
@@ -97,6 +101,32 @@ def bench_rms_norm(T, d, device, dtype, reps, warmup, backend):
     return row
 
 
+def bench_rotary(T, head_dim, device, dtype, reps, warmup, backend):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sdmprune.kernels.rotary import apply_rotary
+
+    L = min(T, 1024)
+    B, H, Hk = T // L, 32, 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=gen).to(dtype)  # noqa: E731
+    q = r(B, L, H, head_dim).transpose(1, 2).requires_grad_(True)
+    k = r(B, L, Hk, head_dim).transpose(1, 2).requires_grad_(True)
+    cos, sin = r(1, L, head_dim), r(1, L, head_dim)
+    dq, dk = r(B, H, L, head_dim), r(B, Hk, L, head_dim)
+    row = {"op": "rotary", "T": T, "q_heads": H, "kv_heads": Hk, "head_dim": head_dim,
+           "dtype": str(dtype).replace("torch.", "")}
+    for name, f in (("transformers", lambda: apply_rotary_pos_emb(q, k, cos, sin)),
+                    ("sdmprune", lambda: apply_rotary(q, k, cos, sin, backend=backend))):
+        def step(f=f):
+            q.grad = k.grad = None
+            qe, ke = f()
+            torch.autograd.backward((qe, ke), (dq, dk))
+        row[f"{name}_ms"] = round(timed(step, reps, warmup, device), 4)
+    row["sdmprune_speedup"] = round(row["transformers_ms"] / row["sdmprune_ms"], 3)
+    return row
+
+
 def bench_gated_activation(T, I, device, dtype, reps, warmup, backend):
     gen = torch.Generator(device=device).manual_seed(0)
     g, u, dh = (torch.randn(T, I, device=device, generator=gen).to(dtype) for _ in range(3))
@@ -135,20 +165,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         device, dtype, backend, reps, warmup = torch.device("cpu"), torch.float32, "torch", 2, 1
-        tokens, dims, widths = 64, [32], [48]
+        tokens, dims, widths, head_dims = 64, [32], [48], [8]
     else:
         if not torch.cuda.is_available():
             print("bench_layer_ops: needs a CUDA GPU (or --smoke)", file=sys.stderr)
             return 2
         device, dtype, backend, reps, warmup = torch.device("cuda"), torch.bfloat16, "triton", args.reps, 5
-        tokens, dims, widths = TOKENS, NORM_DIMS, MLP_WIDTHS
+        tokens, dims, widths, head_dims = TOKENS, NORM_DIMS, MLP_WIDTHS, HEAD_DIMS
     rows = [bench_rms_norm(tokens, d, device, dtype, reps, warmup, backend) for d in dims]
+    rows += [bench_rotary(tokens, hd, device, dtype, reps, warmup, backend) for hd in head_dims]
     rows += [bench_gated_activation(tokens, I, device, dtype, reps, warmup, backend) for I in widths]
     result = {
         "benchmark": "layer_ops",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()})",
         "versions": versions(), "smoke": bool(args.smoke),
-        "note": "median ms of forward+backward (rms_norm) or of one call (gated_activation); both sides of "
+        "note": "median ms of forward+backward (rms_norm, rotary) or of one call (gated_activation); both sides of "
                 "each row measured in this process",
         "rows": rows,
     }

@@ -8,8 +8,9 @@ fused gate/up projection (phi3) or no gated MLP (gpt2, opt) are rejected with a 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from torch import nn
 
@@ -167,6 +168,19 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, context_fn: Op
     elif was and not enabled:
         (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
     return was
+
+
+@contextlib.contextmanager
+def fused_layer_ops(model: nn.Module, backend: str = "auto", norms: Optional[list] = None) -> Iterator[None]:
+    """While the block runs, the model's RMSNorms and rotary embedding go through sdmprune's kernels
+    (kernels/rms_norm.py, kernels/rotary.py: one pass each way, no float32 copies kept), where a
+    probe shows they compute what the model's own code does. ``norms``: an earlier
+    ``find_rms_norms(model)`` answer (a training loop probes once)."""
+    from sdmprune.kernels.rms_norm import patch_rms_norms
+    from sdmprune.kernels.rotary import patch_rotary
+
+    with patch_rms_norms(model, backend, norms), patch_rotary(model, backend):
+        yield
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from .errors import InputError, SdmpruneError
-from .models import count_parameters, find_gated_mlps, get_adapter, set_activation_checkpointing
+from .models import count_parameters, find_gated_mlps, fused_layer_ops, get_adapter, set_activation_checkpointing
 from .plan import WidthPlan, plan_width
 from .save import package_versions
 
@@ -237,10 +237,10 @@ def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
     restores mode, checkpointing, use_cache and the norms afterwards. Where the MLP output only feeds
     the residual add, the checkpoint's recompute skips the MLP and the importance op saves only the
     MLP input (kernels.gated_mlp.checkpoint_context_fn): less recompute and no [T, I] activations
-    kept. The RMSNorms run kernels.rms_norm (``backend``), which keeps x and 1/rms for backward
-    instead of a float32 copy of x and the normalized output."""
+    kept. The RMSNorms and the rotary embedding run sdmprune's kernels (``backend``;
+    models.fused_layer_ops): one pass each way, and the norms keep x and 1/rms for backward instead
+    of a float32 copy of x."""
     from sdmprune.kernels.gated_mlp import checkpoint_context_fn
-    from sdmprune.kernels.rms_norm import patch_rms_norms
 
     was_training = model.training
     use_cache = getattr(model.config, "use_cache", None)
@@ -249,7 +249,7 @@ def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
     model.config.use_cache = False
     model.train()
     try:
-        with patch_rms_norms(model, backend):
+        with fused_layer_ops(model, backend):
             yield
     finally:
         model.train(was_training)

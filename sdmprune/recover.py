@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .models import find_gated_mlps, get_adapter, set_activation_checkpointing
+from .models import find_gated_mlps, fused_layer_ops, get_adapter, set_activation_checkpointing
 from .save import package_versions
 from .sft_data import IGNORE_INDEX, Rows, build_rows, check_source, load_records
 
@@ -359,9 +359,12 @@ class _Trainer:
         self.fused = _fused_loss()
         from .kernels.rms_norm import find_rms_norms
 
-        # the norms run kernels.rms_norm during a step (input and 1/rms kept for backward instead of
-        # float32 copies: about 8 KiB less per token and layer at d = 2048 without checkpointing)
+        # the norms and the rotary embedding run sdmprune's kernels during a step (models.fused_layer_ops;
+        # the norms keep input and 1/rms instead of float32 copies: about 8 KiB less per token and layer
+        # at d = 2048 without checkpointing)
         self.norms = find_rms_norms(model)
+        # Triton on the GPU; on the CPU the PyTorch forms (the interpreter is for the kernels' own tests)
+        self.layer_backend = "auto" if self.device.type == "cuda" else "torch"
 
     # data order: a pure function of (seed, epoch), so the step number is the whole data cursor
     def rows_for_step(self, step: int) -> torch.Tensor:
@@ -469,9 +472,7 @@ class _Trainer:
         distill = self.teacher_fn is not None
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        from .kernels.rms_norm import patch_rms_norms
-
-        with patch_rms_norms(self.model, norms=self.norms):
+        with fused_layer_ops(self.model, self.layer_backend, norms=self.norms):
             loss_sum, ce_sum, kl_sum = self.accumulate(idx)
         cfg, rows = self.cfg, self.rows
         grad_norm = None

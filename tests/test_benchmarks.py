@@ -58,3 +58,4 @@ def test_layer_ops_smoke_run_writes_results(tmp_path):
     ops = {r["op"]: r for r in report["rows"]}
     assert ops["rms_norm"]["transformers_ms"] > 0 and ops["rms_norm"]["sdmprune_saved_bytes"] > 0
     assert ops["gated_activation"]["torch_bwd_ms"] > 0 and ops["gated_activation"]["sdmprune_bwd_ms"] > 0
+    assert ops["rotary"]["transformers_ms"] > 0 and ops["rotary"]["sdmprune_ms"] > 0

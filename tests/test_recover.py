@@ -294,8 +294,8 @@ def test_recover_masked_one_copy(monkeypatch):
             h, w = fn(ids, pos)
             with torch.no_grad():
                 ref = get_adapter(original).body(original)(input_ids=ids, position_ids=pos, use_cache=False)
-            # same weights; inside a training step the norms run kernels.rms_norm (the Triton kernel
-            # under the interpreter), so equal up to float32 rounding
+            # same weights; inside a training step the norms and rotary run sdmprune's ops
+            # (models.fused_layer_ops), so equal up to float32 rounding
             torch.testing.assert_close(h, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
             assert w is None  # shared LM head
             now = recover.base_storage_pointers(model_)
