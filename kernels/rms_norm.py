@@ -172,15 +172,18 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {RMS_NORM_MODES}, got {mode!r}")
 
 
+def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    """t as [rows, D] with a unit last stride (a view when it already has one)."""
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, gemma, backend):
         D = x.shape[-1]
-        x2 = x.reshape(-1, D)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        w = weight.detach()
-        w = w if w.is_contiguous() else w.contiguous()
+        x2 = _rows(x, D)
+        w = _rows(weight.detach(), D)[0]
         out_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
         if backend == "auto":
             triton_ok = use_triton(x2, w) and triton.next_power_of_2(max(D, 1)) <= _MAX_BLOCK_D
@@ -198,11 +201,8 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         D = x2.shape[-1]
-        dy2 = dy.reshape(-1, D)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        w = weight.detach()
-        w = w if w.is_contiguous() else w.contiguous()
+        dy2 = _rows(dy, D)
+        w = _rows(weight.detach(), D)[0]
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = (_bwd_triton(dy2, x2, w, rstd, ctx.gemma) if ctx.triton_ok

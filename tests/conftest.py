@@ -45,6 +45,14 @@ def make_byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def loss_and_embedding_grad(model, ids):
+    """(causal-LM loss, gradient of the input embedding) of one forward+backward on ``ids``."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), model.get_input_embeddings().weight.grad.clone()
+
+
 @pytest.fixture
 def seed_all():
     torch.manual_seed(1234)
@@ -57,3 +65,26 @@ def tiny_llama():
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def compile_for_h100(fn, signature: dict, constexprs: dict, **options):
+    """Compile the Triton kernel ``fn`` to sm_90 on this machine (no GPU needed; a GPU-only type error
+    cannot hide behind the interpreter) and return it. Skips without triton, under TRITON_INTERPRET=1
+    (run: python -m pytest -k compiles) or when this triton install has no CUDA toolchain."""
+    from sdmprune.kernels.utils import interpreter_enabled, triton_available
+
+    if not triton_available() or interpreter_enabled():
+        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=dict(signature, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
+        if "ptxas" in str(e) or "not found" in str(e).lower():
+            pytest.skip(f"no CUDA toolchain in this triton install: {e}")
+        raise
+    assert "ptx" in compiled.asm
+    return compiled

@@ -24,6 +24,8 @@ from sdmprune.kernels.fused_linear_distill_loss import (
 )
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
+from conftest import compile_for_h100
+
 # The package re-exports the function under the module's name: take the module from sys.modules.
 mod = importlib.import_module("sdmprune.kernels.fused_linear_distill_loss")
 
@@ -325,38 +327,18 @@ def test_bad_inputs():
 def test_kernel_compiles_for_h100():
     """The Triton kernel compiles to sm_90 code on this machine (no GPU needed), so a GPU-only
     type error cannot hide behind the interpreter."""
-    if not triton_available() or interpreter_enabled():
-        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     sig = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "labels_ptr": "*i64", "cce_ptr": "*fp32",
            "ckl_ptr": "*fp32", "dz_ptr": "*bf16", "ce_ptr": "*fp32", "kl_ptr": "*fp32", "V": "i32",
            "stride_zs": "i32", "stride_zt": "i32", "stride_dz": "i32", "inv_T": "fp32",
-           "ignore_index": "i32", "HAS_TEACHER": "constexpr", "NEED_GRAD": "constexpr",
-           "BLOCK_V": "constexpr"}
+           "ignore_index": "i32"}
     for has_t in (True, False):
-        src = ASTSource(fn=mod._distill_rows_kernel, signature=sig,
-                        constexprs={"HAS_TEACHER": has_t, "NEED_GRAD": True, "BLOCK_V": 2048})
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
-            if "ptxas" in str(e) or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
-            raise
-        assert "ptx" in compiled.asm
+        compile_for_h100(mod._distill_rows_kernel, sig, {"HAS_TEACHER": has_t, "NEED_GRAD": True, "BLOCK_V": 2048},
+                         num_warps=8)
 
 
 def test_tiled_kernels_compiles_for_h100():
     """The fused tile kernels (forward statistics, backward with dH/dW atomics) compile to sm_90
     for the flag combinations the launcher uses, at the largest autotune tiles kept by the pruner."""
-    if not triton_available() or interpreter_enabled():
-        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ptrs = {"hs_ptr": "*bf16", "w_ptr": "*bf16", "ht_ptr": "*bf16", "wt_ptr": "*bf16", "labels_ptr": "*i64"}
     strides = ["s_hs_n", "s_hs_d", "s_w_v", "s_w_d", "s_ht_n", "s_ht_d", "s_wt_v", "s_wt_d"]
     fwd_sig = dict(ptrs, part_ptr="*fp32", N="i32", V="i32", D="i32", S="i32", inv_T="fp32",
@@ -374,14 +356,7 @@ def test_tiled_kernels_compiles_for_h100():
         jobs.append((mod._tiled_bwd_kernel, bwd_sig,
                      dict(common, NEED_DH=True, NEED_DW=need_w, GROUP_N=mod._BWD_GROUP_N)))
     for fn, sig, cx in jobs:
-        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in cx}), constexprs=cx)
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": 8, "num_stages": 3})
-        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
-            if "ptxas" in str(e) or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
-            raise
+        compiled = compile_for_h100(fn, sig, cx, num_warps=8, num_stages=3)
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
         if fn is mod._tiled_bwd_kernel:
             assert "atom" in compiled.asm["ptx"] or "red." in compiled.asm["ptx"]  # the float32 atomics

@@ -11,7 +11,7 @@ from sdmprune.kernels import rotary as rmod
 from sdmprune.kernels.rotary import apply_rotary, patch_rotary, rotary_reference
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
-from conftest import tiny_model
+from conftest import compile_for_h100, loss_and_embedding_grad, tiny_model
 
 triton_cpu = pytest.mark.skipif(not (triton_available() and interpreter_enabled()),
                                 reason="Triton on CPU needs TRITON_INTERPRET=1")
@@ -99,18 +99,10 @@ def test_patched_model_matches_and_is_restored(family):
     mod = rmod._attention_module(model)
     original = mod.apply_rotary_pos_emb
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    emb = model.get_input_embeddings()
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), emb.weight.grad.clone()
-
-    loss0, g0 = run()
+    loss0, g0 = loss_and_embedding_grad(model, ids)
     with patch_rotary(model) as swapped:
         assert swapped and mod.apply_rotary_pos_emb is not original
-        loss1, g1 = run()
+        loss1, g1 = loss_and_embedding_grad(model, ids)
     assert mod.apply_rotary_pos_emb is original
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
@@ -135,26 +127,11 @@ def test_a_different_rotary_is_left_alone(monkeypatch):
 
 def test_compiles_for_h100():
     """The kernel compiles to sm_90 both ways at Llama-3.1-8B's q heads (no GPU needed)."""
-    if not triton_available() or interpreter_enabled():
-        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ints = ["L", "H", "HALF", "sxb", "sxh", "sxl", "sxd", "sob", "soh", "sol", "sod", "scb", "scl", "scd",
             "ssb", "ssl", "ssd"]
+    sig = dict(x_ptr="*bf16", out_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", **{k: "i32" for k in ints})
     for backward in (False, True):
-        cx = dict(BACKWARD=backward, BLOCK_H=32, BLOCK_HALF=64)
-        sig = dict(x_ptr="*bf16", out_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", **{k: "i32" for k in ints},
-                   **{k: "constexpr" for k in cx})
-        try:
-            compiled = triton.compile(ASTSource(fn=rmod._rotary_kernel, signature=sig, constexprs=cx),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
-            if "ptxas" in str(e) or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
-            raise
-        assert "ptx" in compiled.asm
+        compile_for_h100(rmod._rotary_kernel, sig, dict(BACKWARD=backward, BLOCK_H=32, BLOCK_HALF=64), num_warps=4)
 
 
 @cuda

@@ -17,6 +17,8 @@ from sdmprune.kernels import taylor_importance as tmod
 from sdmprune.kernels.taylor_importance import accumulate_taylor_scores_
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
+from conftest import compile_for_h100
+
 TOL = {torch.float32: dict(rtol=1e-4, atol_rel=1e-5), torch.bfloat16: dict(rtol=1e-4, atol_rel=1e-5)}
 
 triton_cpu = pytest.mark.skipif(not (triton_available() and interpreter_enabled()),
@@ -435,12 +437,6 @@ def test_kernel_gpu_is_deterministic():
 
 def test_kernel_variants_compiles_for_h100():
     """Both variants compile to sm_90 at the largest tiles the autotuner tries (no GPU needed)."""
-    if not triton_available() or interpreter_enabled():
-        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ptrs = dict(part_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", x_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16",
                 h_ptr="*bf16", dy_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", wd_ptr="*bf16")
     ints = ["I", "D", "s_xt", "s_xd", "s_gt", "s_gi", "s_ut", "s_ui", "s_ht", "s_hi", "s_yt", "s_yd",
@@ -448,15 +444,8 @@ def test_kernel_variants_compiles_for_h100():
     for split, tiles in ((False, dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32)),
                          (True, dict(BLOCK_I=128, BLOCK_D=256, BLOCK_T=32))):
         cx = dict(HAS_KEEP=True, PRECISION="tf32", UPCAST=False, SPLIT_ACC=split, **tiles)
-        sig = dict(ptrs, inv_d="fp32", **{k: "i32" for k in ints}, **{k: "constexpr" for k in cx})
-        src = ASTSource(fn=tmod._taylor_scores_kernel, signature=sig, constexprs=cx)
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-        except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
-            if "ptxas" in str(e) or "not found" in str(e).lower():
-                pytest.skip(f"no CUDA toolchain in this triton install: {e}")
-            raise
-        assert "ptx" in compiled.asm
+        compile_for_h100(tmod._taylor_scores_kernel, dict(ptrs, inv_d="fp32", **{k: "i32" for k in ints}), cx,
+                         num_warps=8, num_stages=3)
 
 
 @cuda
@@ -545,29 +534,15 @@ def test_gated_activation_torch_path_and_fallbacks():
 
 def test_gated_activation_kernels_compiles_for_h100():
     """Both elementwise kernels compile to sm_90 for every Triton activation (no GPU needed)."""
-    if not triton_available() or interpreter_enabled():
-        pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from sdmprune.kernels import gated_mlp as gmod
 
+    fwd = dict(g_ptr="*bf16", u_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", N="i64", I="i32")
+    bwd = dict(g_ptr="*bf16", u_ptr="*bf16", dh_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", dup_ptr="*bf16",
+               dg_ptr="*bf16", N="i64", I="i32")
     for act in gmod.TRITON_ACTIVATIONS.values():
         cx = dict(ACT=act, HAS_MASK=True, BLOCK=gmod._EW_BLOCK)
-        fwd = dict(g_ptr="*bf16", u_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", N="i64", I="i32",
-                   **{k: "constexpr" for k in cx})
-        bwd = dict(g_ptr="*bf16", u_ptr="*bf16", dh_ptr="*bf16", m_ptr="*bf16", h_ptr="*bf16", dup_ptr="*bf16",
-                   dg_ptr="*bf16", N="i64", I="i32", **{k: "constexpr" for k in cx})
-        for fn, sig in ((gmod._gated_act_fwd_kernel, fwd), (gmod._gated_act_bwd_kernel, bwd)):
-            try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
-                                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
-                if "ptxas" in str(e) or "not found" in str(e).lower():
-                    pytest.skip(f"no CUDA toolchain in this triton install: {e}")
-                raise
-            assert "ptx" in compiled.asm
+        compile_for_h100(gmod._gated_act_fwd_kernel, fwd, cx, num_warps=4)
+        compile_for_h100(gmod._gated_act_bwd_kernel, bwd, cx, num_warps=4)
 
 
 @cuda
