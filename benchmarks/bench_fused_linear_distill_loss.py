@@ -2,6 +2,9 @@
 
 Shapes N x d x V in {1024x2048x128256, 8192x2048x128256, 8192x4096x128256}. In the same run:
   sdmprune_triton      fused_linear_distill_loss (backend "triton": cuBLAS chunk logits + row kernel)
+  sdmprune_triton_chunk128       the same with 128-row chunks (the 1B low-memory setting); its row
+                       pass splits each row over the vocabulary (default_row_splits)
+  sdmprune_triton_chunk128_rows  the same with one program per row (vocab_splits=1)
   sdmprune_triton_tiled  fused_linear_distill_loss (backend "triton_tiled": fully fused tiles,
                        autotuned on the first call, which is outside the measurement)
   sdmprune_torch       the chunked PyTorch reference (backend "torch") on the GPU
@@ -64,6 +67,12 @@ def candidates():
     out = {
         "sdmprune_triton": (lambda h, w, y, t: fused_linear_distill_loss(
             h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton"), ""),
+        # the 1B low-memory setting (--loss-chunk 128): split row pass (default) against one program a row
+        "sdmprune_triton_chunk128": (lambda h, w, y, t: fused_linear_distill_loss(
+            h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton", token_chunk=128), ""),
+        "sdmprune_triton_chunk128_rows": (lambda h, w, y, t: fused_linear_distill_loss(
+            h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton", token_chunk=128,
+            vocab_splits=1), "one program per row"),
         "sdmprune_triton_tiled": (lambda h, w, y, t: fused_linear_distill_loss(
             h, w, y, t, alpha=ALPHA, temperature=TEMPERATURE, backend="triton_tiled"), ""),
         "sdmprune_torch": (lambda h, w, y, t: fused_linear_distill_loss(
@@ -178,7 +187,7 @@ def _write_results():
         write(_ROWS)
 
 
-IMPLS = ["sdmprune_triton", "sdmprune_triton_tiled", "sdmprune_torch", "naive_torch", "liger_chunked_jsd", "liger_fused_jsd"]
+IMPLS = ["sdmprune_triton", "sdmprune_triton_chunk128", "sdmprune_triton_chunk128_rows", "sdmprune_triton_tiled", "sdmprune_torch", "naive_torch", "liger_chunked_jsd", "liger_fused_jsd"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

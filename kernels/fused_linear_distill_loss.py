@@ -21,7 +21,11 @@ Execution of the chunked backends "triton" and "torch" (``plan_chunks`` picks th
     2. one row-wise pass over the vocabulary in blocks of BLOCK_V (Triton kernel, or the PyTorch
        reference): online logsumexp of z_s and of z_t / T, the sums sum_v p_t*z_s and
        sum_v p_t*(z_t/T - max) by online rescaling, the target logit -> per-row CE and KL;
-       when a gradient is needed, a second pass over the same row writes dz (the logit gradient)
+       when a gradient is needed, a second pass over the same row writes dz (the logit gradient).
+       A chunk of few rows (e.g. 128 against an H100's 132 SMs) would leave most SMs idle with one
+       program per row, so on CUDA each row is then split over the vocabulary (default_row_splits):
+       (row, split) programs write partial statistics, then one more (row, split) launch merges a
+       row's partials and writes its CE / KL and its part of dz
     3. dH[chunk] = dz @ W and, when W requires grad, dW += dz^T @ h_s[chunk] (float32 accumulator)
   The gradient is computed during the forward (like Liger's fused linear losses) and scaled by
   grad_output in backward, so the logits are made once.
@@ -76,6 +80,7 @@ else:  # pragma: no cover - the PyTorch path covers every call
 __all__ = [
     "ChunkPlan",
     "FusedLinearDistillLoss",
+    "default_row_splits",
     "default_vocab_splits",
     "fused_linear_distill_loss",
     "plan_chunks",
@@ -95,32 +100,20 @@ _HALF = (torch.bfloat16, torch.float16)
 if triton is not None:
 
     @triton.jit
-    def _distill_rows_kernel(
-        zs_ptr, zt_ptr, labels_ptr, cce_ptr, ckl_ptr,  # inputs: [C, V] f32, [C, V] f32, [C], [C], [C]
-        dz_ptr, ce_ptr, kl_ptr,  # outputs: [C, V] grad dtype, [C] f32, [C] f32
-        V, stride_zs, stride_zt, stride_dz, inv_T, ignore_index,
-        HAS_TEACHER: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        """One program = one token row; loops over the vocabulary in BLOCK_V blocks (ragged tail
-        masked). All statistics in float32."""
-        row = tl.program_id(0).to(tl.int64)
-        zs_row = zs_ptr + row * stride_zs
-        zt_row = zt_ptr + row * stride_zt
-        label = tl.load(labels_ptr + row)
-        ce_valid = label != ignore_index
+    def _row_stats(zs_row, zt_row, lo, hi, inv_T, HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Online statistics of columns [lo, hi) of one row, float32: (m_s, s_s) for the logsumexp of
+        z_s; for y = z_t / T, (m_t, s_t), a = sum e^{y-m_t} z_s and b = sum e^{y-m_t} (y - m_t) (kept
+        relative to the running max, for precision). An empty range gives (-inf, 0, -inf, 0, 0, 0)."""
         offs = tl.arange(0, BLOCK_V)
-
-        # Pass 1: online logsumexp of z_s; of y = z_t / T; a = sum e^{y-m_t} z_s;
-        # b = sum e^{y-m_t} (y - m_t) (kept relative to the running max for precision).
         m_s = -float("inf")
         s_s = 0.0
         m_t = -float("inf")
         s_t = 0.0
         a = 0.0
         b = 0.0
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(lo, hi, BLOCK_V):
             cols = v0 + offs
-            mask = cols < V
+            mask = cols < hi
             zs = tl.load(zs_row + cols, mask=mask, other=-float("inf"))
             m_new = tl.maximum(m_s, tl.max(zs, axis=0))
             s_s = s_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(zs - m_new), axis=0)
@@ -139,6 +132,39 @@ if triton is not None:
                 a = a * scale + tl.sum(e * zs0, axis=0)
                 s_t = s_t * scale + tl.sum(e, axis=0)
                 m_t = mt_new
+        return m_s, s_s, m_t, s_t, a, b
+
+    @triton.jit
+    def _row_grad(zs_row, zt_row, dz_row, lo, hi, label, lse_s, lse_t, c_ce, c_kl, inv_T,
+                  HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
+        """dz over columns [lo, hi) of one row: (c_ce + c_kl) q_s - c_ce onehot - c_kl p_t."""
+        offs = tl.arange(0, BLOCK_V)
+        for v0 in range(lo, hi, BLOCK_V):
+            cols = v0 + offs
+            mask = cols < hi
+            zs = tl.load(zs_row + cols, mask=mask, other=0.0)
+            q = tl.exp(zs - lse_s)
+            g = (c_ce + c_kl) * q - tl.where(cols == label, c_ce, 0.0)
+            if HAS_TEACHER:
+                y = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_T
+                g = g - c_kl * tl.exp(y - lse_t)
+            tl.store(dz_row + cols, g.to(dz_row.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _distill_rows_kernel(
+        zs_ptr, zt_ptr, labels_ptr, cce_ptr, ckl_ptr,  # inputs: [C, V] f32, [C, V] f32, [C], [C], [C]
+        dz_ptr, ce_ptr, kl_ptr,  # outputs: [C, V] grad dtype, [C] f32, [C] f32
+        V, stride_zs, stride_zt, stride_dz, inv_T, ignore_index,
+        HAS_TEACHER: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        """One program = one token row; loops over the vocabulary in BLOCK_V blocks (ragged tail
+        masked). All statistics in float32."""
+        row = tl.program_id(0).to(tl.int64)
+        zs_row = zs_ptr + row * stride_zs
+        zt_row = zt_ptr + row * stride_zt
+        label = tl.load(labels_ptr + row)
+        ce_valid = label != ignore_index
+        m_s, s_s, m_t, s_t, a, b = _row_stats(zs_row, zt_row, 0, V, inv_T, HAS_TEACHER, BLOCK_V)
         lse_s = m_s + tl.log(s_s)
         safe_label = tl.where(ce_valid, label, 0)
         z_target = tl.load(zs_row + safe_label)
@@ -150,35 +176,117 @@ if triton is not None:
             tl.store(kl_ptr + row, b / s_t - tl.log(s_t) - a / s_t + lse_s)
         else:
             tl.store(kl_ptr + row, 0.0)
-
         if NEED_GRAD:
-            c_ce = tl.load(cce_ptr + row)
-            c_kl = tl.load(ckl_ptr + row)
-            dz_row = dz_ptr + row * stride_dz
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + offs
-                mask = cols < V
-                zs = tl.load(zs_row + cols, mask=mask, other=0.0)
-                q = tl.exp(zs - lse_s)
-                g = (c_ce + c_kl) * q - tl.where(cols == label, c_ce, 0.0)
-                if HAS_TEACHER:
-                    y = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_T
-                    g = g - c_kl * tl.exp(y - lse_t)
-                tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=mask)
+            _row_grad(zs_row, zt_row, dz_ptr + row * stride_dz, 0, V, label, lse_s, lse_t,
+                      tl.load(cce_ptr + row), tl.load(ckl_ptr + row), inv_T, HAS_TEACHER, BLOCK_V)
+
+    # ---- split rows: (row, vocabulary split) programs, for chunks with few rows (see _rows_triton)
+    @triton.jit
+    def _split_rows_stats_kernel(zs_ptr, zt_ptr, part_ptr, C, V, SPAN, stride_zs, stride_zt, inv_T,
+                                 HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Statistics of columns [split * SPAN, (split + 1) * SPAN) of one row into part
+        [6, S, C] float32 (m_s, s_s, m_t, s_t, a, b)."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        S = tl.num_programs(1)
+        lo = split * SPAN
+        hi = tl.minimum(V, lo + SPAN)
+        m_s, s_s, m_t, s_t, a, b = _row_stats(zs_ptr + row * stride_zs, zt_ptr + row * stride_zt, lo, hi, inv_T,
+                                              HAS_TEACHER, BLOCK_V)
+        out = part_ptr + split.to(tl.int64) * C + row  # part[k, split, row] at out + k * S * C
+        tl.store(out, m_s)
+        tl.store(out + S * C, s_s)
+        tl.store(out + 2 * S * C, m_t)
+        tl.store(out + 3 * S * C, s_t)
+        tl.store(out + 4 * S * C, a)
+        tl.store(out + 5 * S * C, b)
+
+    @triton.jit
+    def _split_rows_finish_kernel(zs_ptr, zt_ptr, labels_ptr, cce_ptr, ckl_ptr, part_ptr, dz_ptr, ce_ptr, kl_ptr,
+                                  C, V, SPAN, stride_zs, stride_zt, stride_dz, inv_T, ignore_index,
+                                  HAS_TEACHER: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_V: tl.constexpr):
+        """Merges the row's S partials (each program of the row, redundantly: 6 x S floats), writes
+        CE / KL (split 0) and dz over its own columns."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        S = tl.num_programs(1)
+        sp = tl.arange(0, BLOCK_S)
+        ok = sp < S
+        base = part_ptr + sp.to(tl.int64) * C + row
+        m_s = tl.load(base + 0 * S * C, mask=ok, other=-float("inf"))
+        s_s = tl.load(base + 1 * S * C, mask=ok, other=0.0)
+        ms = tl.max(m_s, axis=0)  # finite: some split holds the row's largest logit
+        lse_s = ms + tl.log(tl.sum(s_s * tl.exp(m_s - ms), axis=0))
+        zs_row = zs_ptr + row * stride_zs
+        zt_row = zt_ptr + row * stride_zt
+        label = tl.load(labels_ptr + row)
+        ce_valid = label != ignore_index
+        lse_t = 0.0
+        kl = 0.0
+        if HAS_TEACHER:
+            m_t = tl.load(base + 2 * S * C, mask=ok, other=-float("inf"))
+            s_t = tl.load(base + 3 * S * C, mask=ok, other=0.0)
+            a = tl.load(base + 4 * S * C, mask=ok, other=0.0)
+            b = tl.load(base + 5 * S * C, mask=ok, other=0.0)
+            mt = tl.max(m_t, axis=0)
+            wgt = tl.exp(m_t - mt)  # 0 for empty splits (m_t = -inf)
+            st = tl.sum(wgt * s_t, axis=0)
+            at = tl.sum(wgt * a, axis=0)
+            # b relative to the row's max: b_i + (m_i - M) s_i; an empty split adds nothing
+            bt = tl.sum(wgt * (b + tl.where(s_t > 0.0, (m_t - mt) * s_t, 0.0)), axis=0)
+            lse_t = mt + tl.log(st)
+            kl = bt / st - tl.log(st) - at / st + lse_s
+        if split == 0:
+            z_target = tl.load(zs_row + tl.where(ce_valid, label, 0))
+            tl.store(ce_ptr + row, tl.where(ce_valid, lse_s - z_target, 0.0))
+            tl.store(kl_ptr + row, kl)
+        if NEED_GRAD:
+            lo = split * SPAN
+            _row_grad(zs_row, zt_row, dz_ptr + row * stride_dz, lo, tl.minimum(V, lo + SPAN), label, lse_s,
+                      lse_t, tl.load(cce_ptr + row), tl.load(ckl_ptr + row), inv_T, HAS_TEACHER, BLOCK_V)
 
 
-def _rows_triton(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_out, block_v, num_warps):
+def default_row_splits(n: int, V: int, block_v: int, device) -> int:
+    """Vocabulary splits of the row pass for a chunk of n rows. One program per row leaves most of
+    an H100 idle at n = 128 (132 SMs, one 8-warp program each, streaming 1 MB rows): on CUDA, rows
+    are split until about 4 programs per SM run (each split at least 4 vocabulary blocks, at most
+    64 splits). Elsewhere 1 (the interpreter runs programs one by one)."""
+    device = torch.device(device)
+    if device.type != "cuda" or n <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // n)
+    return int(max(1, min(want, 64, V // (4 * block_v))))
+
+
+def _rows_triton(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_out, block_v, num_warps,
+                 splits=1):
+    """The row pass of one chunk: one program per row (splits = 1), or (row, split) programs: a
+    statistics kernel, then a kernel that merges the partials, writes CE / KL and dz."""
     n, V = zs.shape
     if n == 0:
         return
     has_t = zt is not None
     zt_ = zt if has_t else zs
     dz_ = dz if dz is not None else zs  # unused when NEED_GRAD is False
-    _distill_rows_kernel[(n,)](
-        zs, zt_, labels, c_ce, c_kl, dz_, ce_out, kl_out,
-        V, zs.stride(0), zt_.stride(0), dz_.stride(0), float(inv_T), int(ignore_index),
-        HAS_TEACHER=has_t, NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps,
-    )
+    if splits <= 1:
+        _distill_rows_kernel[(n,)](
+            zs, zt_, labels, c_ce, c_kl, dz_, ce_out, kl_out,
+            V, zs.stride(0), zt_.stride(0), dz_.stride(0), float(inv_T), int(ignore_index),
+            HAS_TEACHER=has_t, NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps,
+        )
+        return
+    span = -(-V // splits)
+    part = torch.empty((6, splits, n), dtype=torch.float32, device=zs.device)
+    if POISON_SCRATCH:
+        part.fill_(float("nan"))
+    _split_rows_stats_kernel[(n, splits)](zs, zt_, part, n, V, span, zs.stride(0), zt_.stride(0), float(inv_T),
+                                          HAS_TEACHER=has_t, BLOCK_V=block_v, num_warps=num_warps)
+    _split_rows_finish_kernel[(n, splits)](
+        zs, zt_, labels, c_ce, c_kl, part, dz_, ce_out, kl_out, n, V, span, zs.stride(0), zt_.stride(0),
+        dz_.stride(0), float(inv_T), int(ignore_index), HAS_TEACHER=has_t, NEED_GRAD=dz is not None,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_V=block_v, num_warps=num_warps)
 
 
 def _rows_torch(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_out):
@@ -647,7 +755,7 @@ def _check_inputs(h_s, w, labels, h_t, w_t, kl_mask, temperature):
 class _LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w, labels, h_t, w_t, kl_mask, alpha, temperature, ignore_index, impl,
-                token_chunk, vocab_block):
+                token_chunk, vocab_block, row_splits):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         N, d = h_s.shape
@@ -692,8 +800,10 @@ class _LinearDistillFunction(torch.autograd.Function):
                 if POISON_SCRATCH:
                     dz.fill_(float("nan"))
             if impl == "triton":
+                splits = (row_splits if row_splits is not None
+                          else default_row_splits(e - s, V, plan.vocab_block, dev))
                 _rows_triton(zs, zt, labels[s:e], c_ce[s:e], c_kl[s:e], inv_T, ignore_index, dz,
-                             ce_rows[s:e], kl_rows[s:e], plan.vocab_block, plan.num_warps)
+                             ce_rows[s:e], kl_rows[s:e], plan.vocab_block, plan.num_warps, splits)
             else:
                 _rows_torch(zs, zt, labels[s:e], c_ce[s:e], c_kl[s:e], inv_T, ignore_index, dz,
                             ce_rows[s:e], kl_rows[s:e])
@@ -720,7 +830,7 @@ class _LinearDistillFunction(torch.autograd.Function):
             grad_h = grad_h * g_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * g_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _row_coefficients(labels, kl_mask, alpha, ignore_index, has_t, N, dev):
@@ -803,6 +913,8 @@ class _TiledDistillFunction(torch.autograd.Function):
 def _run(impl, student_hidden, weight, labels, teacher_hidden, teacher_weight, alpha, temperature,
          ignore_index, kl_mask, return_parts, token_chunk, vocab_block, vocab_splits=None):
     _check_inputs(student_hidden, weight, labels, teacher_hidden, teacher_weight, kl_mask, temperature)
+    if vocab_splits is not None and int(vocab_splits) < 1:
+        raise ValueError(f"vocab_splits must be >= 1, got {vocab_splits}")
     if labels.device.type == "cpu" and labels.numel():  # cheap on CPU; on GPU a check would sync
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
@@ -816,7 +928,7 @@ def _run(impl, student_hidden, weight, labels, teacher_hidden, teacher_weight, a
     else:
         loss, ce, kl = _LinearDistillFunction.apply(
             student_hidden, weight, labels, h_t, w_t, kl_mask, float(alpha), float(temperature),
-            int(ignore_index), impl, token_chunk, vocab_block)
+            int(ignore_index), impl, token_chunk, vocab_block, vocab_splits)
     if return_parts:
         return loss, ce.detach(), kl.detach()
     return loss
@@ -841,7 +953,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, weight: torch.Tensor
     a token chunk + Triton row kernel) | "triton_tiled" (fully fused tiles, no logits in HBM) |
     "torch". token_chunk / vocab_block override plan_chunks (chunked backends; ignored by
     "triton_tiled"); vocab_splits sets the vocabulary splits of the "triton_tiled" forward
-    (default ``default_vocab_splits``). Never allocates N x V.
+    (default ``default_vocab_splits``) and of the "triton" row pass (default ``default_row_splits``:
+    more programs for chunks of few rows). Never allocates N x V.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")

@@ -138,7 +138,8 @@ def _check(backend, device, x, alpha, T, dtype, **kw):
 # Each axis value appears at least once; the interpreter cost stays small (few rows x blocks).
 # (N, V, d, alpha, T, dtype, options); token_chunk / vocab_block drive the chunked backends,
 # vocab_splits the tiled one (default 2 under the interpreter; 16 > the 8 vocabulary tiles of
-# BLOCK_V = 128 at V = 1000 leaves empty splits; V = 37 is one tile, so split 2 is empty too).
+# BLOCK_V = 128 at V = 1000 leaves empty splits; V = 37 is one tile, so split 2 is empty too) and
+# the split row pass of "triton" (default 1 off CUDA; 3 and 16 here, 16 with spans of 63 columns).
 CASES = [
     (1, 37, 16, 0.4, 1.0, torch.float32, dict()),
     (7, 1000, 72, 0.0, 0.2, torch.bfloat16, dict(ignored=2, kl_mask=True, vocab_splits=3)),
@@ -169,11 +170,10 @@ def test_matches_float64(case, backend, device):
     kw = {k: v for k, v in opts.items() if k not in _INPUT_KEYS}
     if backend == "torch":
         kw.pop("vocab_block", None)
+        kw.pop("vocab_splits", None)
     if backend == "triton_tiled":  # the chunk knobs would be ignored: drop them for clarity
         kw.pop("vocab_block", None)
         kw.pop("token_chunk", None)
-    else:
-        kw.pop("vocab_splits", None)
     x = _inputs(N, V, d, dtype, device, seed, **inp)
     _check(backend, device, x, alpha, T, dtype, **kw)
 
@@ -334,6 +334,17 @@ def test_kernel_compiles_for_h100():
     for has_t in (True, False):
         compile_for_h100(mod._distill_rows_kernel, sig, {"HAS_TEACHER": has_t, "NEED_GRAD": True, "BLOCK_V": 2048},
                          num_warps=8)
+    # the split row pass (chunks of few rows on a GPU)
+    stats = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "part_ptr": "*fp32", "C": "i32", "V": "i32", "SPAN": "i32",
+             "stride_zs": "i32", "stride_zt": "i32", "inv_T": "fp32"}
+    finish = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "labels_ptr": "*i64", "cce_ptr": "*fp32", "ckl_ptr": "*fp32",
+              "part_ptr": "*fp32", "dz_ptr": "*bf16", "ce_ptr": "*fp32", "kl_ptr": "*fp32", "C": "i32", "V": "i32",
+              "SPAN": "i32", "stride_zs": "i32", "stride_zt": "i32", "stride_dz": "i32", "inv_T": "fp32",
+              "ignore_index": "i32"}
+    for has_t in (True, False):
+        compile_for_h100(mod._split_rows_stats_kernel, stats, {"HAS_TEACHER": has_t, "BLOCK_V": 2048}, num_warps=8)
+        compile_for_h100(mod._split_rows_finish_kernel, finish, {"HAS_TEACHER": has_t, "NEED_GRAD": True,
+                                                                 "BLOCK_S": 8, "BLOCK_V": 2048}, num_warps=8)
 
 
 def test_tiled_kernels_compiles_for_h100():
@@ -360,3 +371,33 @@ def test_tiled_kernels_compiles_for_h100():
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
         if fn is mod._tiled_bwd_kernel:
             assert "atom" in compiled.asm["ptx"] or "red." in compiled.asm["ptx"]  # the float32 atomics
+
+
+@pytest.mark.skipif(not (triton_available() and interpreter_enabled()), reason="Triton on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("V,splits", [(37, 16), (300, 7), (1000, 2)])
+def test_split_row_pass_equals_one_program_per_row(V, splits, monkeypatch):
+    """(row, split) programs (empty splits included at V = 37, S = 16) give the one-program-per-row
+    result: float32, loss and gradients to 1e-6 relative (only the summation order differs)."""
+    launched = []
+    real = mod._split_rows_stats_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(mod, "_split_rows_stats_kernel", Spy())
+    x = _inputs(11, V, 24, torch.float32, "cpu", 3, ignored=2, kl_mask=True)
+    out = {}
+    for s in (1, splits):
+        h = x["h_s"].detach().clone().requires_grad_(True)
+        w = x["w"].detach().clone().requires_grad_(True)
+        loss, ce, kl = fused_linear_distill_loss(h, w, x["labels"], x["h_t"], alpha=0.4, temperature=0.5,
+                                                 kl_mask=x["kl_mask"], return_parts=True, backend="triton",
+                                                 token_chunk=4, vocab_splits=s)
+        loss.backward()
+        out[s] = (loss.detach(), ce, kl, h.grad, w.grad)
+    assert len(launched) == 3 and all(g == (n, splits) for g, n in zip(launched, (4, 4, 3)))
+    for a, b in zip(out[1], out[splits]):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * max(1.0, a.abs().max().item()))
