@@ -162,7 +162,7 @@ DEFAULT_RUNS = ",".join([
     "1b:fused:b=4",                   # the default fused setting (checkpointing on)
     "1b:fused:mem=ref/3:chunk=128",   # the batch predicted to fit a third of the reference's peak
     "1b:fused:b=12:chunk=128:n=48",   # the 1B target: >= 4x the reference and <= 1/3 of its peak
-    "1b:fused:b=16:chunk=128",
+    "1b:fused:b=16:chunk=128:n=32",   # two batches a stage
     "1b:fused:b=8:ckpt=0",            # throughput: no checkpointing
     "8b:reference",
     "8b:fused:mem=18GiB",             # the batch predict_peak_memory fits into 18 GiB
