@@ -249,13 +249,17 @@ if triton is not None:
 
 def default_row_splits(n: int, V: int, block_v: int, device) -> int:
     """Vocabulary splits of the row pass for a chunk of n rows. One program per row leaves most of
-    an H100 idle at n = 128 (132 SMs, one 8-warp program each, streaming 1 MB rows): on CUDA, rows
-    are split until about 4 programs per SM run (each split at least 4 vocabulary blocks, at most
-    64 splits). Elsewhere 1 (the interpreter runs programs one by one)."""
+    an H100 idle at n = 128 (132 SMs, one 8-warp program each, streaming 1 MB rows): on CUDA, a
+    chunk of fewer than 2 rows per SM is split until about 4 programs per SM run (each split at
+    least 4 vocabulary blocks, at most 64 splits). Larger chunks (the default 512 rows, which the
+    measured benchmark used) keep one program per row. Elsewhere 1 (the interpreter runs programs
+    one by one)."""
     device = torch.device(device)
     if device.type != "cuda" or n <= 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if n >= 2 * sms:
+        return 1
     want = -(-4 * sms // n)
     return int(max(1, min(want, 64, V // (4 * block_v))))
 
