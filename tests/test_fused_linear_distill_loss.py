@@ -401,3 +401,15 @@ def test_split_row_pass_equals_one_program_per_row(V, splits, monkeypatch):
     for a, b in zip(out[1], out[splits]):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * max(1.0, a.abs().max().item()))
+
+
+def test_default_row_splits_policy(monkeypatch):
+    """CUDA (132 SMs faked): chunks under 2 rows per SM split to about 4 programs per SM, at least 4
+    vocabulary blocks a split; larger chunks and other devices keep one program per row."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: type("P", (), {"multi_processor_count": 132}))
+    splits = mod.default_row_splits
+    assert splits(128, 128256, 2048, "cuda") == 5  # ceil(4 * 132 / 128)
+    assert splits(16, 128256, 2048, "cuda") == 15  # capped: 128256 // (4 * 2048)
+    assert splits(264, 128256, 2048, "cuda") == 1 and splits(512, 128256, 2048, "cuda") == 1
+    assert splits(128, 4000, 2048, "cuda") == 1  # a short vocabulary is not split
+    assert splits(128, 128256, 2048, "cpu") == 1
