@@ -174,22 +174,22 @@ def gated_activation_forward(g: torch.Tensor, u: torch.Tensor, act: str, mask: O
 
 
 def gated_activation_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, act: str,
-                              mask: Optional[torch.Tensor] = None, backend: str = "auto",
-                              dh_is_scratch: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dU, dG, H) for H = act(g) * u [* mask] given dH = dL/dH, all [rows, I]. With
-    ``dh_is_scratch`` dG may be written over dh's buffer (both paths do)."""
+                              mask: Optional[torch.Tensor] = None,
+                              backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dU, dG, H) for H = act(g) * u [* mask] given dH = dL/dH, all [rows, I]. dh is scratch: its
+    buffer is overwritten (the Triton path writes dG over it)."""
     if not _fusable(act, backend, g, u, dh, mask):
         dh = _masked(dh, mask)
         a = apply_activation(act, g)
         d_up = dh * a
         h = _masked(a.mul_(u), mask)  # a's buffer becomes h
-        d_gate = activation_backward(act, dh.mul_(u) if dh_is_scratch or mask is not None else dh * u, g)
+        d_gate = activation_backward(act, dh.mul_(u), g)
         return d_up, d_gate, h
     d_up, h = torch.empty_like(g), torch.empty_like(g)
-    d_gate = dh if dh_is_scratch else torch.empty_like(g)
+    d_gate = dh
     if POISON_OUTPUTS:
-        for t in (d_up, h) if dh_is_scratch else (d_up, h, d_gate):
-            t.fill_(float("nan"))
+        d_up.fill_(float("nan"))
+        h.fill_(float("nan"))
     N = g.numel()
     if N:
         _gated_act_bwd_kernel[(triton.cdiv(N, _EW_BLOCK),)](

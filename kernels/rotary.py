@@ -38,7 +38,7 @@ else:  # pragma: no cover - the PyTorch path covers every call
     triton = None
     tl = None
 
-__all__ = ["apply_rotary", "patch_rotary", "rotary_reference"]
+__all__ = ["apply_rotary", "find_rotary", "patch_rotary", "rotary_reference"]
 
 # Tests set this to True: outputs the kernel must fully overwrite are filled with NaN first.
 POISON_OUTPUTS = False
@@ -201,30 +201,39 @@ def _probe(fn, head_dim: int, device, dtype) -> bool:
             and torch.allclose(ke.float(), rotary_reference(k, cos, sin).float(), **tol))
 
 
+def find_rotary(model: nn.Module):
+    """The python module whose ``apply_rotary_pos_emb`` the model's attention calls, when that
+    function has transformers' signature and a probe shows it is the rotate-half rotary; else None."""
+    mod = _attention_module(model)
+    if mod is None:
+        return None
+    head_dim = getattr(model.model.layers[0].self_attn, "head_dim", None)
+    p = next(model.parameters(), None)
+    if not (isinstance(head_dim, int) and head_dim % 2 == 0 and p is not None and p.device.type != "meta"):
+        return None
+    return mod if _probe(mod.apply_rotary_pos_emb, head_dim, p.device, p.dtype) else None
+
+
+_FIND = object()
+
+
 @contextlib.contextmanager
-def patch_rotary(model: nn.Module, backend: str = "auto") -> Iterator[bool]:
+def patch_rotary(model: nn.Module, backend: str = "auto", module=_FIND) -> Iterator[bool]:
     """Within the block, the model's attention calls ``apply_rotary`` (``backend``) instead of its
-    module's ``apply_rotary_pos_emb``, where that function has transformers' signature and a probe
-    shows it is the rotate-half rotary; yields whether it was swapped. The module attribute is
+    module's ``apply_rotary_pos_emb``, where ``find_rotary`` accepts it (or ``module``, its earlier
+    answer, so a training loop probes once); yields whether it was swapped. The module attribute is
     process-wide: other models of the same family in this process use it too while the block runs
     (the same math)."""
-    mod = _attention_module(model)
+    mod = find_rotary(model) if module is _FIND else module
     original = getattr(mod, "apply_rotary_pos_emb", None) if mod is not None else None
-    swapped = False
-    if original is not None:
-        attn = model.model.layers[0].self_attn
-        head_dim = getattr(attn, "head_dim", None)
-        p = next(model.parameters(), None)
-        if isinstance(head_dim, int) and head_dim % 2 == 0 and p is not None and p.device.type != "meta":
-            swapped = _probe(original, head_dim, p.device, p.dtype)
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         return apply_rotary(q, k, cos, sin, unsqueeze_dim, backend)
 
-    if swapped:
+    if original is not None:
         mod.apply_rotary_pos_emb = apply_rotary_pos_emb
     try:
-        yield swapped
+        yield original is not None
     finally:
-        if swapped:
+        if original is not None:
             mod.apply_rotary_pos_emb = original

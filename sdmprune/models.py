@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
 from torch import nn
 
@@ -170,16 +170,34 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, context_fn: Op
     return was
 
 
+class LayerOps(NamedTuple):
+    """What ``fused_layer_ops`` swaps: (module, mode, eps) per recognized RMSNorm
+    (kernels.rms_norm.find_rms_norms) and the python module whose rotary it replaces, or None
+    (kernels.rotary.find_rotary)."""
+
+    norms: list
+    rotary: Optional[Any]
+
+
+def find_layer_ops(model: nn.Module) -> LayerOps:
+    """Probe the model's norms and rotary once (a training loop reuses the answer every step)."""
+    from sdmprune.kernels.rms_norm import find_rms_norms
+    from sdmprune.kernels.rotary import find_rotary
+
+    return LayerOps(find_rms_norms(model), find_rotary(model))
+
+
 @contextlib.contextmanager
-def fused_layer_ops(model: nn.Module, backend: str = "auto", norms: Optional[list] = None) -> Iterator[None]:
+def fused_layer_ops(model: nn.Module, backend: str = "auto", ops: Optional[LayerOps] = None) -> Iterator[None]:
     """While the block runs, the model's RMSNorms and rotary embedding go through sdmprune's kernels
     (kernels/rms_norm.py, kernels/rotary.py: one pass each way, no float32 copies kept), where a
-    probe shows they compute what the model's own code does. ``norms``: an earlier
-    ``find_rms_norms(model)`` answer (a training loop probes once)."""
+    probe shows they compute what the model's own code does. ``ops``: an earlier
+    ``find_layer_ops(model)`` answer (default: probe now)."""
     from sdmprune.kernels.rms_norm import patch_rms_norms
     from sdmprune.kernels.rotary import patch_rotary
 
-    with patch_rms_norms(model, backend, norms), patch_rotary(model, backend):
+    ops = find_layer_ops(model) if ops is None else ops
+    with patch_rms_norms(model, backend, ops.norms), patch_rotary(model, backend, ops.rotary):
         yield
 
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .models import find_gated_mlps, fused_layer_ops, get_adapter, set_activation_checkpointing
+from .models import find_gated_mlps, find_layer_ops, fused_layer_ops, get_adapter, set_activation_checkpointing
 from .save import package_versions
 from .sft_data import IGNORE_INDEX, Rows, build_rows, check_source, load_records
 
@@ -357,12 +357,10 @@ class _Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.fused = _fused_loss()
-        from .kernels.rms_norm import find_rms_norms
-
         # the norms and the rotary embedding run sdmprune's kernels during a step (models.fused_layer_ops;
         # the norms keep input and 1/rms instead of float32 copies: about 8 KiB less per token and layer
-        # at d = 2048 without checkpointing)
-        self.norms = find_rms_norms(model)
+        # at d = 2048 without checkpointing); probed once here, not every step
+        self.layer_ops = find_layer_ops(model)
         # Triton on the GPU; on the CPU the PyTorch forms (the interpreter is for the kernels' own tests)
         self.layer_backend = "auto" if self.device.type == "cuda" else "torch"
 
@@ -472,7 +470,7 @@ class _Trainer:
         distill = self.teacher_fn is not None
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        with fused_layer_ops(self.model, self.layer_backend, norms=self.norms):
+        with fused_layer_ops(self.model, self.layer_backend, self.layer_ops):
             loss_sum, ce_sum, kl_sum = self.accumulate(idx)
         cfg, rows = self.cfg, self.rows
         grad_norm = None
