@@ -10,11 +10,12 @@ per-layer IoU of the kept channels of fused vs reference on the same samples.
     python benchmarks/bench_pipeline.py --max-memory 16GiB    # every run's batch from predict_peak_memory
     python benchmarks/bench_pipeline.py --smoke               # CPU: tiny shape, torch engine, 2 samples
 
-A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:mem=SIZE][:n=SAMPLES]: N samples per backward
-pass, gradient checkpointing off, the fused loss's token chunk, a memory budget that picks the batch
-(SIZE such as 18GiB, or ref/3: a third of the measured peak of the same shape's reference run listed
-before it), or the number of samples of this run (default --samples; s/sample is per sample either
-way, so a batch that does not divide 16 can run whole batches).
+A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES]: N samples per
+backward pass, gradient checkpointing off, the fused loss's token chunk, the checkpointed layer
+inputs offloaded to pinned host memory (PruneConfig.offload_activations), a memory budget that picks
+the batch (SIZE such as 18GiB, or ref/3: a third of the measured peak of the same shape's reference
+run listed before it), or the number of samples of this run (default --samples; s/sample is per
+sample either way, so a batch that does not divide 16 can run whole batches).
 """
 from __future__ import annotations
 
@@ -91,16 +92,18 @@ def worker(args) -> dict:
         budget = parse_size(args.max_memory)
         batch = largest_batch(shape, args.seq_len, budget, dtype=dtype, engine=engine_for_memory,
                               max_batch=args.samples, gradient_checkpointing=not args.no_checkpointing,
-                              loss_token_chunk=args.loss_chunk)
+                              loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations)
         if batch == 0:
             return {"error": f"does not fit {args.max_memory} at batch 1 (predicted)"}
     if args.engine == "reference":
         batch = 1  # the reference engine runs one sample per backward
     ckpt = not args.no_checkpointing
     predicted = predict_peak_memory(shape, args.seq_len, batch, dtype=dtype, engine=engine_for_memory,
-                                    gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk)
+                                    gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk,
+                                    offload_activations=args.offload_activations)
     cfg = PruneConfig(width=width, engine=args.engine, batch_size=batch, gradient_checkpointing=ckpt,
-                      loss_token_chunk=args.loss_chunk, progress=False, seed=0)
+                      loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations,
+                      progress=False, seed=0)
     gen = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, config.vocab_size, (args.samples, args.seq_len), generator=gen)
     warmup_s = None
@@ -129,6 +132,7 @@ def worker(args) -> dict:
     out = {
         "shape": shape_name, "engine": st.get("engine"), "backend": st.get("backend"), "samples": n,
         "seq_len": args.seq_len, "batch_size": batch, "checkpointing": ckpt, "loss_chunk": args.loss_chunk,
+        "offload_activations": args.offload_activations, "activation_offload": st.get("activation_offload"),
         "max_memory": args.max_memory, "build_s": round(build_s, 3),
         "warmup_s": None if warmup_s is None else round(warmup_s, 3),
         "stage_s": stage_s, "s_per_sample": scoring_s / n, "tokens_per_s": n * args.seq_len / scoring_s,
@@ -163,28 +167,32 @@ DEFAULT_RUNS = ",".join([
     "1b:fused:mem=ref/3:chunk=128",   # the batch predicted to fit a third of the reference's peak
     "1b:fused:b=12:chunk=128:n=48",   # the 1B target: >= 4x the reference and <= 1/3 of its peak
     "1b:fused:b=16:chunk=128:n=32",   # two batches a stage
+    "1b:fused:b=16:chunk=128:act=1:n=32",      # the same with the layer inputs in pinned host memory
+    "1b:fused:mem=ref/3:chunk=128:act=1:n=32",  # the batch that fits a third of the reference, offloaded
     "1b:fused:b=8:ckpt=0",            # throughput: no checkpointing
     "8b:reference",
     "8b:fused:mem=18GiB",             # the batch predict_peak_memory fits into 18 GiB
     "8b:fused:b=4:ckpt=0",            # throughput on a large card
+    "8b:fused:mem=18GiB:act=1:n=26",  # offloaded layer inputs: a larger batch in the same 18 GiB
 ])
-KEYS = ("b", "ckpt", "chunk", "mem", "n")
+KEYS = ("b", "ckpt", "chunk", "act", "mem", "n")
+FLAGS = ("ckpt", "act")
 
 
 def parse_run(spec: str) -> dict:
-    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
+    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:act=0|1][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
     parts = spec.strip().split(":")
-    want = "shape:engine[:b=N][:ckpt=0][:chunk=N][:mem=SIZE|ref/K][:n=SAMPLES]"
+    want = "shape:engine[:b=N][:ckpt=0][:chunk=N][:act=1][:mem=SIZE|ref/K][:n=SAMPLES]"
     if len(parts) < 2:
         raise SystemExit(f"bad run spec {spec!r}: want {want}")
-    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "mem": None, "n": None,
-           "spec": spec}
+    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "act": False,
+           "mem": None, "n": None, "spec": spec}
     for kv in parts[2:]:
         k, _, v = kv.partition("=")
         if k not in KEYS:
             raise SystemExit(f"bad run spec {spec!r}: unknown key {k!r} (want {want})")
         try:
-            run[k] = v if k == "mem" else (v not in ("0", "false") if k == "ckpt" else int(v))
+            run[k] = v if k == "mem" else (v not in ("0", "false") if k in FLAGS else int(v))
         except ValueError:
             raise SystemExit(f"bad run spec {spec!r}: {k}={v!r} is not an integer") from None
     if run["mem"] and run["mem"].startswith("ref/"):
@@ -218,6 +226,8 @@ def run_one(args, run: dict, save_keep=None) -> dict:
         cmd += ["--no-checkpointing"]
     if run["chunk"]:
         cmd += ["--loss-chunk", str(run["chunk"])]
+    if run["act"]:
+        cmd += ["--offload-activations"]
     if args.smoke:
         cmd += ["--smoke"]
     if save_keep:
@@ -258,6 +268,7 @@ def write_results(report: dict, path: str) -> None:
     rows = ["| run | batch | ckpt | stage 1 s/sample | stage 2 s/sample | tokens/s (both stages) | "
             "peak GiB (measured) | peak GiB (predicted) |",
             "|---|---|---|---|---|---|---|---|"]
+    # "ckpt" says "on, offloaded" when the checkpointed layer inputs waited in pinned host memory
     for r in report["runs"]:
         if "error" in r:
             rows.append(f"| {r.get('spec')} | error: {r['error']} | | | | | | |")
@@ -265,7 +276,8 @@ def write_results(report: dict, path: str) -> None:
         peak = "n/a (CPU)" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
         per = r.get("stage_s_per_sample", {})
         s1, s2 = (f"{per[k]:.4f}" if per.get(k) else "-" for k in ("stage1", "stage2"))
-        rows.append(f"| {r.get('spec')} | {r['batch_size']} | {'on' if r.get('checkpointing', True) else 'off'} | "
+        ckpt = ("on, offloaded" if r.get("offload_activations") else "on") if r.get("checkpointing", True) else "off"
+        rows.append(f"| {r.get('spec')} | {r['batch_size']} | {ckpt} | "
                     f"{s1} | {s2} | {r['tokens_per_s']:.0f} | {peak} | {r['predicted_peak_gib']:.2f} |")
     md = [f"Device: {report['versions'].get('device')}; versions: " + ", ".join(
         f"{k} {v}" for k, v in report["versions"].items() if k != "device"), "", *rows]
@@ -289,6 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results directory (or .json file); default benchmarks/results")
     p.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--loss-chunk", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--offload-activations", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1b", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="fused", help=argparse.SUPPRESS)
@@ -299,7 +312,7 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2
-        runs = [parse_run("smoke:torch")]
+        runs = [parse_run("smoke:torch"), parse_run("smoke:torch:act=1")]
     else:
         if not torch.cuda.is_available():
             print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",

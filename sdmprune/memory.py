@@ -17,7 +17,8 @@ The model (``predict_peak_memory``) follows what the engines keep alive, per ran
   ``I x d`` element-score matrix per layer.
 * teacher cache: stage 2 reads the cached final hidden states of the batch, ``T*d*b`` on the GPU
   (the whole cache, ``N*L*d*b``, lives in host memory).
-* activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept, plus
+* activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept (with
+  ``offload_activations`` they wait in pinned host memory and two are on the GPU at once), plus
   one layer recomputed and back-propagated at a time (attention projections; the RMSNorms keep their
   input and a float32 1/rms per row; the MLP saves only its input and back-propagates in chunks of
   whole samples holding five ``chunk x I`` temporaries, chunk = 256 MiB worth, at least one sample). Without checkpointing
@@ -143,7 +144,8 @@ def shape_of(config: Any) -> ModelShape:
 def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any = "bf16", gpus: int = 1,
                         shard: Optional[str] = None, offload: Optional[str] = None, engine: str = "fused",
                         gradient_checkpointing: bool = True,
-                        loss_token_chunk: Optional[int] = None) -> Dict[str, int]:
+                        loss_token_chunk: Optional[int] = None,
+                        offload_activations: bool = False) -> Dict[str, int]:
     """Predicted peak memory of one GPU (one rank) during a prune, in bytes.
 
     ``batch_size`` is samples per backward pass on one rank; ``engine`` is "fused" (Triton kernels),
@@ -151,7 +153,8 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     gradients, full logits). Returns {"weights", "teacher_cache", "activations", "loss_scratch",
     "importance_scratch", "overhead", "total"} on the GPU plus "host_weights" and
     "host_teacher_cache_per_sample" (host memory, not in "total"). ``loss_token_chunk`` is
-    PruneConfig.loss_token_chunk (None: the loss's own 768 MiB chunk plan).
+    PruneConfig.loss_token_chunk (None: the loss's own 768 MiB chunk plan). ``offload_activations``:
+    PruneConfig.offload_activations (needs checkpointing); its host copies are "host_activations".
     """
     s = shape_of(config)
     if seq_len < 1 or batch_size < 1 or gpus < 1:
@@ -164,6 +167,9 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         raise InputError(f"unknown engine {engine!r} (supported: {', '.join(ENGINES)})")
     if shard and offload:
         raise InputError("--shard fsdp and --offload cpu are exclusive")
+    if offload_activations and (not gradient_checkpointing or engine == "reference"):
+        raise InputError("offload_activations moves checkpointed layer inputs: it needs gradient checkpointing "
+                         "and the fused or torch engine")
     b = dtype_bytes(dtype)
     d, I, n, V = s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.vocab_size
     q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
@@ -210,7 +216,10 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         mlp_backward = C * per_token + 2 * T * d * b
     one_layer = attn + norms + mlp_saved + mlp_backward
     if gradient_checkpointing:
-        activations = n * T * d * b + one_layer + 2 * T * d * b  # layer inputs + one layer + residual grads
+        # layer inputs (offloaded: the one in use and the one prefetched, or in forward the one being
+        # copied out and the next) + one layer + residual grads
+        resident_inputs = min(n, 2) if offload_activations else n
+        activations = resident_inputs * T * d * b + one_layer + 2 * T * d * b
     else:
         saved = T * (3 * d + 2 * q + 3 * kv) * b + mlp_saved + (norms // 2 if engine == "reference" else norms)
         activations = n * saved + one_layer
@@ -249,6 +258,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     }
     out["total"] = sum(out.values())
     out["host_weights"] = int(host_weights)
+    out["host_activations"] = int(n * T * d * b) if offload_activations else 0
     out["host_teacher_cache_per_sample"] = seq_len * d * b
     return out
 
@@ -374,6 +384,8 @@ def format_plan(shape: ModelShape, pred: Dict[str, int], batch_size: int, fit: O
     ]
     if pred["host_weights"]:
         lines.append(f"host (pinned) layer weights: {gib(pred['host_weights'])}")
+    if pred.get("host_activations"):
+        lines.append(f"host (pinned) layer inputs: {gib(pred['host_activations'])}")
     lines.append(f"host teacher cache: {pred['host_teacher_cache_per_sample'] / MiB:.2f} MiB per sample per rank")
     if budget is not None:
         if fit:
@@ -396,6 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=list(ENGINES), default="fused")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS", help="as prune --loss-chunk")
+    parser.add_argument("--offload-activations", action="store_true", help="as prune --offload-activations")
     parser.add_argument("--max-memory", default=None, help="budget per GPU, e.g. 16GiB: print the largest batch that fits")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
@@ -405,7 +418,8 @@ def run(args: argparse.Namespace) -> int:
     if args.offload and args.gpus > 1 and args.shard:
         raise InputError("--offload cpu and --shard fsdp are exclusive")
     kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
-              gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk)
+              gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk,
+              offload_activations=args.offload_activations)
     pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
     budget = parse_size(args.max_memory) if args.max_memory else None
     fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None
@@ -417,6 +431,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     desc = (f"gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
             f"seq_len={args.seq_len} dtype={args.dtype} engine={args.engine} "
-            f"checkpointing={'on' if args.gradient_checkpointing else 'off'}")
+            f"checkpointing={'on' if args.gradient_checkpointing else 'off'}"
+            + (" offload_activations=on" if args.offload_activations else ""))
     print(format_plan(shape, pred, args.batch_size, fit, budget, desc))
     return 0

@@ -89,6 +89,8 @@ class PruneConfig:
     shard: Optional[str] = None  # "fsdp": FSDP2-shard the decoder layers (needs an initialized process group)
     offload: Optional[str] = None  # "cpu": decoder layers in host memory, streamed to offload_device
     offload_device: Optional[str] = None  # where offloaded layers run (None: cuda if available, else cpu)
+    # checkpointed layer inputs in pinned host memory between forward and backward (sdmprune.activation_offload)
+    offload_activations: bool = False
 
     def validate(self) -> "PruneConfig":
         if self.method not in METHODS:
@@ -136,6 +138,13 @@ class PruneConfig:
                 # the reference engine slices the student after stage 1, so the one-copy recovery would
                 # distill from the stage-1 model instead of the original
                 raise InputError("recover_steps does not run with engine 'reference' (use fused or torch)")
+        if self.offload_activations:
+            if self.method not in GRADIENT_METHODS or self.engine == "reference":
+                raise InputError("--offload-activations applies to the methods sdmprune/taylor with the fused or "
+                                 "torch engine")
+            if not self.gradient_checkpointing:
+                raise InputError("--offload-activations moves the checkpointed layer inputs: it needs gradient "
+                                 "checkpointing (drop --no-gradient-checkpointing)")
         if self.offload:
             from .offload import check_offload
 
@@ -232,14 +241,16 @@ def _seconds_since(t0: float, device: torch.device) -> float:
 
 
 @contextmanager
-def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
+def _gradient_pass(model, checkpointing: bool, backend: str = "auto", offload_activations: bool = False,
+                   stats: Optional[dict] = None):
     """Training mode (LLaMA-family models have no dropout) with optional gradient checkpointing;
     restores mode, checkpointing, use_cache and the norms afterwards. Where the MLP output only feeds
     the residual add, the checkpoint's recompute skips the MLP and the importance op saves only the
     MLP input (kernels.gated_mlp.checkpoint_context_fn): less recompute and no [T, I] activations
     kept. The RMSNorms and the rotary embedding run sdmprune's kernels (``backend``;
     models.fused_layer_ops): one pass each way, and the norms keep x and 1/rms for backward instead
-    of a float32 copy of x."""
+    of a float32 copy of x. ``offload_activations``: the checkpointed layer inputs wait in pinned
+    host memory (sdmprune.activation_offload; its counters go to ``stats["activation_offload"]``)."""
     from sdmprune.kernels.gated_mlp import checkpoint_context_fn
 
     was_training = model.training
@@ -249,7 +260,7 @@ def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
     model.config.use_cache = False
     model.train()
     try:
-        with fused_layer_ops(model, backend):
+        with fused_layer_ops(model, backend), _maybe_offload_activations(model, offload_activations, stats):
             yield
     finally:
         model.train(was_training)
@@ -257,6 +268,19 @@ def _gradient_pass(model, checkpointing: bool, backend: str = "auto"):
             set_activation_checkpointing(model, False)
         if use_cache is not None:
             model.config.use_cache = use_cache
+
+
+@contextmanager
+def _maybe_offload_activations(model, enabled: bool, stats: Optional[dict]):
+    if not enabled:
+        yield
+        return
+    from .activation_offload import offload_checkpoint_inputs
+
+    with offload_checkpoint_inputs(model) as offload:
+        yield
+    if stats is not None:
+        stats["activation_offload"] = dict(offload.stats)
 
 
 class _TeacherCache:
@@ -446,7 +470,8 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
                                          alpha=cfg.alpha, temperature=cfg.temperature, backend=backend,
                                          token_chunk=cfg.loss_token_chunk)
 
-    with _gradient_pass(model, cfg.gradient_checkpointing, backend), TaylorImportance(model, backend=backend) as imp:
+    with _gradient_pass(model, cfg.gradient_checkpointing, backend, cfg.offload_activations, stats), \
+            TaylorImportance(model, backend=backend) as imp:
         if state is not None:
             stage, cursor = state["stage"], state["cursor"]
             s1, keep1 = state["stage1_scores"], state["stage1_keep"]
@@ -776,6 +801,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="FSDP2-shard the decoder layers over the ranks of a torchrun launch (each GPU holds 1/N)")
     p.add_argument("--offload", choices=["cpu"], default=None,
                    help="keep the decoder layers in host memory and stream them to --device (small GPUs)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the checkpointed layer inputs in pinned host memory between forward and backward "
+                        "(larger batches in the same memory)")
 
 
 def _validate_args(args):
@@ -797,6 +825,7 @@ def _validate_args(args):
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
                       progress=not args.no_progress, shard=args.shard, offload=args.offload,
                       offload_device=str(device) if args.offload else None,
+                      offload_activations=args.offload_activations,
                       **_recovery_options(args)).validate()
     if cfg.shard == "fsdp":
         from .sharding import _require_process_group

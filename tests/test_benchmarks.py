@@ -23,7 +23,9 @@ def test_pipeline_run_specs_and_reference_budgets():
     runs = [bp.parse_run(r) for r in bp.DEFAULT_RUNS.split(",")]
     assert runs[0]["engine"] == "reference"
     r = bp.parse_run("1b:fused:b=12:chunk=128:n=48:ckpt=0")
-    assert (r["b"], r["chunk"], r["n"], r["ckpt"], r["mem"]) == (12, 128, 48, False, None)
+    assert (r["b"], r["chunk"], r["n"], r["ckpt"], r["act"], r["mem"]) == (12, 128, 48, False, False, None)
+    assert bp.parse_run("1b:fused:act=1")["act"] is True and bp.parse_run("1b:fused:act=0")["act"] is False
+    assert any(r["act"] and r["shape"] == "1b" for r in runs) and any(r["act"] and r["shape"] == "8b" for r in runs)
     r = bp.parse_run("1b:fused:mem=ref/3")
     assert r["mem_ref_divisor"] == 3.0
     # a third of the reference's measured peak, in bytes; no reference measured yet -> an error entry
@@ -42,10 +44,15 @@ def test_pipeline_smoke_run_writes_results(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    (run,) = report["runs"]
-    assert run["samples"] == 2 and run["stage_s"]["stage1"] > 0 and run["stage_s"]["stage2"] > 0
-    assert run["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
-    assert (tmp_path / "pipeline-smoke.md").exists()
+    run, offloaded = report["runs"]
+    for r in (run, offloaded):
+        assert r["samples"] == 2 and r["stage_s"]["stage1"] > 0 and r["stage_s"]["stage2"] > 0
+        assert r["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
+    # smoke: 2 layers, one batch a stage, two stages -> four layer inputs out and back
+    assert not run["offload_activations"] and run["activation_offload"] is None
+    assert offloaded["offload_activations"] and offloaded["activation_offload"]["offloaded"] == 4
+    assert offloaded["predicted"]["host_activations"] > 0
+    assert "on, offloaded" in (tmp_path / "pipeline-smoke.md").read_text()
 
 
 def test_layer_ops_smoke_run_writes_results(tmp_path):

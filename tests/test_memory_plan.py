@@ -1,5 +1,7 @@
 """sdmprune plan / predict_peak_memory: parameter counts from shapes, monotone and mode-consistent
 predictions, the batch search, config sources (built-in, HF dir, GGUF), and one-line errors."""
+import re
+
 import pytest
 
 from conftest import tiny_config
@@ -91,6 +93,11 @@ def test_plan_cli_reads_only_the_config(tmp_path, capsys):
 def test_plan_cli_builtin_and_errors(capsys):
     assert cli.main(["plan", "llama-3.1-8b", "--offload", "cpu", "--batch-size", "4", "--max-memory", "6GiB"]) == 0
     assert "host (pinned) layer weights" in capsys.readouterr().out
+    assert cli.main(["plan", "llama-3.1-8b", "--offload-activations", "--batch-size", "8", "--max-memory", "18GiB"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"host \(pinned\) layer inputs:\s+2\.00 GiB", out) and "offload_activations=on" in out  # 32x8x8 MiB
+    assert cli.main(["plan", "llama-3.1-8b", "--offload-activations", "--no-gradient-checkpointing"]) == 2
+    assert "needs gradient checkpointing" in capsys.readouterr().err
     assert cli.main(["plan", "/no/such/model/dir"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such file" in err

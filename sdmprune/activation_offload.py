@@ -1,0 +1,182 @@
+"""Checkpointed layer inputs in pinned host memory (``--offload-activations``).
+
+With per-layer gradient checkpointing a gradient pass keeps one tensor per decoder layer from
+forward to backward: the layer's input, ``[B, L, d]`` (4 MiB per 1024-token sample at d = 2048 in
+bf16, 64 MiB per sample over Llama-3.2-1B's 16 layers). At large batches these dominate the
+activations. ``offload_checkpoint_inputs(model)`` moves them to pinned host memory while the other
+layers run and brings each back just before its recompute:
+
+* forward, layer i: torch.utils.checkpoint saves the layer's positional tensor inputs as saved
+  tensors before it enters its own region (both the non-reentrant ``save_inputs`` and the reentrant
+  ``save_for_backward``), so a ``saved_tensors_hooks`` pair around the checkpoint call sees exactly
+  them and nothing inside the layer. The pack hook copies each large CUDA input to a pinned host
+  buffer on a side stream and lets the device copy go (``record_stream`` keeps the allocator from
+  reusing it before the copy has read it).
+* backward, layer i: the checkpoint unpacks its inputs to recompute the layer. The unpack hook
+  waits for the copy back (started as a prefetch when layer i+1 was unpacked, or now for the first
+  layer of a pass) and starts the copy back of layer i-1's input, so at most two layer inputs are on
+  the device at once, and the copies overlap the recompute and backward of the layer before.
+
+Tensors under ``min_bytes`` (and non-CUDA tensors, except in the CPU test mode below) stay where
+they are. The hooks wrap each layer's ``_gradient_checkpointing_func`` (what transformers calls in
+every ``GradientCheckpointingLayer``), so they need checkpointing already on, and they are removed
+on exit. On the CPU the "host" copy is a separate CPU tensor and there are no streams: the packing,
+prefetch order and release are the same, which is what the CPU tests check.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .models import get_adapter
+
+# Tensors smaller than this stay on the device (rotary tables, masks, small test models' inputs on CUDA).
+DEFAULT_MIN_BYTES = 1 << 20
+
+
+class _Offloaded:
+    """One packed layer input: the host copy, and the device copy while it is fetched back."""
+
+    __slots__ = ("host", "device", "device_tensor", "ready", "prev", "__weakref__")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, prev: Optional["weakref.ref"]):
+        self.host = host
+        self.device = device
+        self.device_tensor: Optional[torch.Tensor] = None  # set by a fetch, handed over by unpack
+        self.ready = None  # CUDA event: the copy back has finished
+        # the input packed just before this one (layer i-1 of the same forward): prefetched when this one
+        # is unpacked, since backward visits the layers in reverse
+        self.prev = prev
+
+
+class CheckpointInputOffload:
+    """Pack/unpack hooks that keep checkpointed layer inputs in (pinned) host memory.
+
+    Use ``offload_checkpoint_inputs(model)`` on a model; the object itself only needs ``hooks()``
+    around a checkpoint call. ``stats``: tensors offloaded, bytes offloaded, fetches, fetches that
+    were prefetched, fetches that had to wait for a copy started on demand (one per backward pass:
+    the last layer's input).
+    """
+
+    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True, cpu_copies: bool = False):
+        self.min_bytes = int(min_bytes)
+        self.prefetch_enabled = prefetch
+        self.cpu_copies = cpu_copies  # CPU tensors are "offloaded" too (test mode: a separate CPU copy)
+        self.stats = {"offloaded": 0, "bytes_offloaded": 0, "fetched": 0, "prefetched": 0, "fetched_on_demand": 0}
+        self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+        self._last: Optional[weakref.ref] = None  # weak: a finished pass's inputs are freed with its graph
+
+    # ---------------------------------------------------------------- streams
+    def _copy_stream(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    # ---------------------------------------------------------------- hooks
+    def _wants(self, t: torch.Tensor) -> bool:
+        if t.layout != torch.strided or t.numel() * t.element_size() < self.min_bytes:
+            return False
+        return t.is_cuda or (self.cpu_copies and t.device.type == "cpu")
+
+    def pack(self, t: torch.Tensor):
+        if not self._wants(t):
+            return t
+        t = t.detach()
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            stream = self._copy_stream(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # the device block is not reused until the copy has read it
+        else:
+            host = t.clone()
+        handle = _Offloaded(host, t.device, self._last)
+        self._last = weakref.ref(handle)
+        self.stats["offloaded"] += 1
+        self.stats["bytes_offloaded"] += t.numel() * t.element_size()
+        return handle
+
+    def _fetch(self, h: _Offloaded) -> None:
+        """Start the copy of ``h`` back to its device (asynchronous on CUDA)."""
+        if h.device.type == "cuda":
+            stream = self._copy_stream(h.device)
+            with torch.cuda.stream(stream):
+                # allocated on the copy stream: the allocator orders its reuse after the copy stream's work
+                h.device_tensor = h.host.to(h.device, non_blocking=True)
+                h.ready = torch.cuda.Event()
+                h.ready.record(stream)
+        else:
+            h.device_tensor = h.host.clone()
+
+    def unpack(self, h):
+        if not isinstance(h, _Offloaded):
+            return h
+        self.stats["fetched"] += 1
+        if h.device_tensor is None:
+            self.stats["fetched_on_demand"] += 1
+            self._fetch(h)
+        else:
+            self.stats["prefetched"] += 1
+        out, h.device_tensor = h.device_tensor, None
+        if h.device.type == "cuda":
+            compute = torch.cuda.current_stream(h.device)
+            compute.wait_event(h.ready)
+            out.record_stream(compute)  # read on the compute stream: not reused before it is done
+        prev = h.prev() if (self.prefetch_enabled and h.prev is not None) else None
+        if prev is not None and prev.device_tensor is None:
+            self._fetch(prev)  # the layer backward visits next: its copy overlaps this layer's backward
+        return out
+
+    def hooks(self):
+        """The ``saved_tensors_hooks`` context to put around one checkpoint call."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def _checkpointed_layers(model: nn.Module) -> List[nn.Module]:
+    layers = [m for m in get_adapter(model).decoder_layers(model)
+              if getattr(m, "gradient_checkpointing", False) and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    if not layers:
+        raise InputError("activation offload moves checkpointed layer inputs: turn gradient checkpointing on "
+                         "(it found no decoder layer with transformers' per-layer checkpointing enabled)")
+    return layers
+
+
+@contextmanager
+def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None, prefetch: bool = True,
+                              cpu_copies: Optional[bool] = None):
+    """While active, the checkpointed decoder layers of ``model`` keep their inputs in pinned host memory
+    between forward and backward (see the module docstring). Needs gradient checkpointing on (e.g.
+    ``models.set_activation_checkpointing``). ``cpu_copies`` (default: when the model is on the CPU)
+    offloads CPU tensors to separate CPU copies, which only tests use. ``min_bytes``: smaller tensors
+    stay (default DEFAULT_MIN_BYTES, 0 with ``cpu_copies``). Yields the CheckpointInputOffload (its
+    ``stats``). Scores and gradients are unchanged: the copies are exact."""
+    layers = _checkpointed_layers(model)
+    if cpu_copies is None:
+        cpu_copies = next(model.parameters()).device.type == "cpu"
+    if min_bytes is None:
+        min_bytes = 0 if cpu_copies else DEFAULT_MIN_BYTES
+    offload = CheckpointInputOffload(min_bytes=min_bytes, prefetch=prefetch, cpu_copies=cpu_copies)
+    originals = []
+    for layer in layers:
+        inner = layer._gradient_checkpointing_func
+
+        def offloaded_checkpoint(function, *args, _inner=inner, **kwargs):
+            with offload.hooks():
+                return _inner(function, *args, **kwargs)
+
+        offloaded_checkpoint.__wrapped__ = inner
+        originals.append((layer, inner, offloaded_checkpoint))
+        layer._gradient_checkpointing_func = offloaded_checkpoint
+    try:
+        yield offload
+    finally:
+        for layer, inner, wrapper in originals:
+            # leave it alone if checkpointing was re-configured meanwhile (a new function was set)
+            if getattr(layer, "_gradient_checkpointing_func", None) is wrapper:
+                layer._gradient_checkpointing_func = inner
