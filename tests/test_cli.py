@@ -82,7 +82,23 @@ def test_prune_self_calibration(files, tmp_path, capsys, method):
         assert report["calibration"]["kind"] == "self"
 
 
+def test_prune_with_offloaded_activations(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, cap = run_cli(["prune", files / "tiny", "--out", out, "--width", 96, "--method", "taylor",
+                         "--samples", 2, "--seq-len", 8, "--batch-size", 2, "--no-progress",
+                         "--engine", "torch", "--offload-activations"], capsys)
+    assert code == 0, cap.err
+    report = json.loads((out / "sdmprune.json").read_text())
+    assert report["config"]["offload_activations"] is True
+    # one stage, one batch, two layers: each layer input out to host memory and back once
+    st = report["stats"]["activation_offload"]
+    assert st["offloaded"] == st["fetched"] == 2 and st["bytes_offloaded"] == 2 * 2 * 8 * 64 * 4
+
+
 BAD = {
+    "offload activations without checkpointing": (
+        ["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--offload-activations",
+         "--no-gradient-checkpointing"], "needs gradient checkpointing"),
     "missing model": (["prune", "{root}/nope", "--out", "{out}", "--ratio", "0.2"], "does not exist"),
     "no gated mlp": (["prune", "{root}/gpt2", "--out", "{out}", "--ratio", "0.2"], "gated MLP"),
     "ratio too big": (["prune", "{root}/tiny", "--out", "{out}", "--ratio", "0.6"], "outside"),
