@@ -101,9 +101,13 @@ def _taylor_summary(d):
 def _gather_summary(d):
     rows, cols = d["rows"], d["cols"]
     ok = rows["meets_target"] and cols["meets_target"]
-    return (f"rows {rows['inplace_vs_copy_bandwidth']:.2f}x, columns {cols['inplace_vs_copy_bandwidth']:.2f}x copy "
+    text = (f"rows {rows['inplace_vs_copy_bandwidth']:.2f}x, columns {cols['inplace_vs_copy_bandwidth']:.2f}x copy "
             f"bandwidth; extra memory {rows['extra_bytes']['inplace'] / 2**20:.0f} MiB vs "
-            f"{rows['extra_bytes']['index_select'] / 2**20:.0f} MiB (index_select)"), _yes(ok)
+            f"{rows['extra_bytes']['index_select'] / 2**20:.0f} MiB (index_select)")
+    if "ordered_vs_copy_bandwidth" in rows:  # the opt-in single-launch algorithm, measured beside it
+        text += (f"; ordered (SDMPRUNE_CUDA_GATHER=ordered): rows {rows['ordered_vs_copy_bandwidth']:.2f}x, "
+                 f"columns {cols['ordered_vs_copy_bandwidth']:.2f}x")
+    return text, _yes(ok)
 
 
 def _fused_vs_reference(d, shape):
