@@ -51,28 +51,31 @@ def _toy(x, w):
     return torch.tanh(x @ w) @ w.t()
 
 
-def test_recompute_reads_the_offloaded_copy_not_the_device_tensor():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recompute_reads_the_offloaded_copy_not_the_device_tensor(reentrant):
     """Overwrite the checkpointed input's storage after forward (through .data, which the version
     counter does not see): the plain checkpoint recomputes from the garbage, the offloaded one from
-    its copy."""
+    its copy. Both checkpoint flavours save their inputs where the hooks see them."""
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(8, 8, generator=gen, requires_grad=True)
     x0 = torch.randn(5, 8, generator=gen)
 
     def grads(offload):
+        w.grad = None
         x = x0.clone().requires_grad_()
         h = x * 2  # a non-leaf layer input, as the residual stream is
-        if offload is not None:
-            with offload.hooks():
-                y = checkpoint(_toy, h, w, use_reentrant=False)
-        else:
-            y = checkpoint(_toy, h, w, use_reentrant=False)
+        with offload.hooks() if offload is not None else contextlib.nullcontext():
+            y = checkpoint(_toy, h, w, use_reentrant=reentrant)
         h.data.normal_(generator=torch.Generator().manual_seed(9))
-        return torch.autograd.grad(y.square().sum(), (x, w))
+        y.square().sum().backward()  # (reentrant checkpoints refuse torch.autograd.grad)
+        return x.grad, w.grad.clone()
 
     x = x0.clone().requires_grad_()
     expect = torch.autograd.grad(_toy(x * 2, w).square().sum(), (x, w))
-    got = grads(CheckpointInputOffload(min_bytes=0, cpu_copies=True))
+    offload = CheckpointInputOffload(min_bytes=0, cpu_copies=True)
+    got = grads(offload)
+    # both positional tensors (h and w) were saved as inputs, and each came back once
+    assert offload.stats["offloaded"] == 2 and offload.stats["fetched"] == 2
     for a, b in zip(got, expect):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     plain = grads(None)  # the control: this is what reading the device tensor would give
