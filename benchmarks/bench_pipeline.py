@@ -85,22 +85,19 @@ def worker(args) -> dict:
     shape_name = "smoke" if args.smoke else SHAPES[args.shape][0]
     config = hf_config(shape_name)
     width = 120 if args.smoke else SHAPES[args.shape][1]
-    engine_for_memory = "torch" if args.engine == "torch" else args.engine
     batch = args.batch_size
     shape = config if args.smoke else BUILTIN_SHAPES[shape_name]
+    ckpt = not args.no_checkpointing
+    # the settings the memory model and the run share
+    memory_kw = dict(dtype=dtype, engine=args.engine, gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk,
+                     offload_activations=args.offload_activations)
     if args.max_memory:
-        budget = parse_size(args.max_memory)
-        batch = largest_batch(shape, args.seq_len, budget, dtype=dtype, engine=engine_for_memory,
-                              max_batch=args.samples, gradient_checkpointing=not args.no_checkpointing,
-                              loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations)
+        batch = largest_batch(shape, args.seq_len, parse_size(args.max_memory), max_batch=args.samples, **memory_kw)
         if batch == 0:
             return {"error": f"does not fit {args.max_memory} at batch 1 (predicted)"}
     if args.engine == "reference":
         batch = 1  # the reference engine runs one sample per backward
-    ckpt = not args.no_checkpointing
-    predicted = predict_peak_memory(shape, args.seq_len, batch, dtype=dtype, engine=engine_for_memory,
-                                    gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk,
-                                    offload_activations=args.offload_activations)
+    predicted = predict_peak_memory(shape, args.seq_len, batch, **memory_kw)
     cfg = PruneConfig(width=width, engine=args.engine, batch_size=batch, gradient_checkpointing=ckpt,
                       loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations,
                       progress=False, seed=0)

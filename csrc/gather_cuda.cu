@@ -84,7 +84,15 @@ __global__ void gather_cols_kernel(const T* __restrict__ src, T* __restrict__ ds
   }
 }
 
-int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs);
+// The widest access (16, 8, 4, 2 or 1 bytes) dividing the row size and every base address.
+int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
+  for (int v : {16, 8, 4, 2}) {
+    bool ok = row_bytes % v == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % v == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
 
 // ---- the ordered single-launch algorithm ----------------------------------------------------------
 constexpr int kOrderedVecs = 4;           // loads in flight per thread per chunk
@@ -209,7 +217,12 @@ bool ordered_requested() {
   return v != nullptr && std::string(v) == "ordered";
 }
 
-// [ticket, error, done[units], reader[k] (rows only)] as int32, zero-filled (one memset).
+// The ordered kernels' int32 state, zero-filled (one memset): [ticket, error, done[units], then for
+// rows reader[k]]; `extra` is the length of that last part.
+at::Tensor ordered_state(const at::Tensor& w, int64_t units, int64_t extra) {
+  return at::zeros({2 + units + extra}, w.options().dtype(at::kInt));
+}
+
 void check_ordered_error(const at::Tensor& state, const char* op) {
   const int err = state[1].item<int>();  // synchronises
   TORCH_CHECK(err == 0, op, ": the ordered gather timed out waiting on a dependency (a bug); "
@@ -248,16 +261,6 @@ void ordered_cols(char* base, const int64_t* idx, int64_t k, int64_t C, int64_t 
   with_width(es, "gather_cols_", [&](auto tag) {
     launch_ordered_cols<typename decltype(tag)::type>(base, idx, k, C, R, state, stream);
   });
-}
-
-// The widest access (16, 8, 4, 2 or 1 bytes) dividing the row size and every base address.
-int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
-  for (int v : {16, 8, 4, 2}) {
-    bool ok = row_bytes % v == 0;
-    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % v == 0;
-    if (ok) return v;
-  }
-  return 1;
 }
 
 template <typename V>
@@ -330,7 +333,7 @@ at::Tensor gather_rows_cuda(at::Tensor& w, const at::Tensor& idx, int64_t scratc
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   char* base = static_cast<char*>(w.data_ptr());
   if (ordered_requested() && rb > 0) {
-    at::Tensor state = at::zeros({2 + 2 * k}, w.options().dtype(at::kInt));
+    at::Tensor state = ordered_state(w, k, k);
     ordered_rows(base, d, k, rb, state.data_ptr<int>(), stream);
     check_ordered_error(state, "gather_rows_");
     return w.as_strided({k, C}, {C, 1}, w.storage_offset());
@@ -352,7 +355,7 @@ at::Tensor gather_cols_cuda(at::Tensor& w, const at::Tensor& idx, int64_t scratc
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   char* base = static_cast<char*>(w.data_ptr());
   if (ordered_requested() && R > 0 && k < C) {  // k == C: idx is 0..C-1, nothing moves
-    at::Tensor state = at::zeros({2 + R}, w.options().dtype(at::kInt));
+    at::Tensor state = ordered_state(w, R, 0);
     ordered_cols(base, d, k, C, R, es, state.data_ptr<int>(), stream);
     check_ordered_error(state, "gather_cols_");
     return w.as_strided({R, k}, {k, 1}, w.storage_offset());
