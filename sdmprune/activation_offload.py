@@ -13,9 +13,11 @@ layers run and brings each back just before its recompute:
   buffer on a side stream and lets the device copy go (``record_stream`` keeps the allocator from
   reusing it before the copy has read it).
 * backward, layer i: the checkpoint unpacks its inputs to recompute the layer. The unpack hook
-  waits for the copy back (started as a prefetch when layer i+1 was unpacked, or now for the first
-  layer of a pass) and starts the copy back of layer i-1's input, so at most two layer inputs are on
-  the device at once, and the copies overlap the recompute and backward of the layer before.
+  waits for the copy back (started as a prefetch when layer i+1 was unpacked) and starts the copy
+  back of layer i-1's input, so at most two layer inputs are on the device at once, and the copies
+  overlap the recompute and backward of the layer before. The last layer's input, which backward
+  needs first, is sent back as soon as the decoder body's forward returns (a forward hook), so its
+  copy overlaps the loss and its backward instead of stalling the first recompute.
 
 Tensors under ``min_bytes`` (and non-CUDA tensors, except in the CPU test mode below) stay where
 they are. The hooks wrap each layer's ``_gradient_checkpointing_func`` (what transformers calls in
@@ -133,6 +135,17 @@ class CheckpointInputOffload:
             self._fetch(prev)  # the layer backward visits next: its copy overlaps this layer's backward
         return out
 
+    def begin_pass(self) -> None:
+        """A new forward starts: its first layer has no layer before it to prefetch."""
+        self._last = None
+
+    def prefetch_last(self) -> None:
+        """The forward has ended: start the copy back of its last packed input, which backward needs
+        first, so that it overlaps the loss and the loss backward."""
+        last = self._last() if (self.prefetch_enabled and self._last is not None) else None
+        if last is not None and last.device_tensor is None:
+            self._fetch(last)
+
     def hooks(self):
         """The ``saved_tensors_hooks`` context to put around one checkpoint call."""
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
@@ -155,7 +168,9 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
     ``models.set_activation_checkpointing``). ``cpu_copies`` (default: when the model is on the CPU)
     offloads CPU tensors to separate CPU copies, which only tests use. ``min_bytes``: smaller tensors
     stay (default DEFAULT_MIN_BYTES, 0 with ``cpu_copies``). Yields the CheckpointInputOffload (its
-    ``stats``). Scores and gradients are unchanged: the copies are exact."""
+    ``stats``). Scores and gradients are unchanged: the copies are exact. Hooks on the decoder body
+    (``begin_pass`` before its forward, ``prefetch_last`` after) chain each forward's inputs on their
+    own and send the last one back while the loss runs."""
     layers = _checkpointed_layers(model)
     if cpu_copies is None:
         cpu_copies = next(model.parameters()).device.type == "cpu"
@@ -173,9 +188,14 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
         offloaded_checkpoint.__wrapped__ = inner
         originals.append((layer, inner, offloaded_checkpoint))
         layer._gradient_checkpointing_func = offloaded_checkpoint
+    body = get_adapter(model).body(model)
+    body_hooks = [body.register_forward_pre_hook(lambda module, args: offload.begin_pass()),
+                  body.register_forward_hook(lambda module, args, out: offload.prefetch_last())]
     try:
         yield offload
     finally:
+        for hook in body_hooks:
+            hook.remove()
         for layer, inner, wrapper in originals:
             # leave it alone if checkpointing was re-configured meanwhile (a new function was set)
             if getattr(layer, "_gradient_checkpointing_func", None) is wrapper:

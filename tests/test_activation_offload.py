@@ -40,9 +40,9 @@ def test_gradients_equal_and_every_layer_input_goes_out_and_back(shape):
         assert torch.equal(ref[k], got[k]), k
     b, L = shape
     assert off.stats["offloaded"] == 3 and off.stats["bytes_offloaded"] == 3 * b * L * 64 * 4
-    # backward visits the layers in reverse: the last one's input is fetched on demand, the others were
-    # prefetched while the layer after them ran its backward
-    assert (off.stats["fetched"], off.stats["prefetched"], off.stats["fetched_on_demand"]) == (3, 2, 1)
+    # backward visits the layers in reverse: the last one's input was sent back when the forward ended,
+    # the others while the layer after them ran its backward; none had to be waited for on demand
+    assert (off.stats["fetched"], off.stats["prefetched"], off.stats["fetched_on_demand"]) == (3, 3, 0)
     # the checkpoint functions are transformers' own again
     assert [layer._gradient_checkpointing_func for layer in model.model.layers] == funcs
 
@@ -99,7 +99,12 @@ def test_fetch_order_prefetch_off_and_small_tensors_stay():
             real_fetch(h)
 
         off.pack, off._fetch = pack, fetch
-        _grads(model, ids)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        # the forward has ended: only the last layer's input is on its way back, before any backward
+        assert order == [3] and handles[3].device_tensor is not None
+        assert all(h.device_tensor is None for h in handles[:3])
+        loss.backward()
     assert off.stats["offloaded"] == 4 and len(handles) == 4
     assert order == [3, 2, 1, 0]  # each fetch one layer ahead of the backward, in reverse layer order
 
@@ -114,6 +119,35 @@ def test_fetch_order_prefetch_off_and_small_tensors_stay():
     assert small.pack(t) is t and small.unpack(t) is t and small.stats["offloaded"] == 0
     # and on the CPU without the test mode nothing is copied either
     assert CheckpointInputOffload(min_bytes=0).pack(t) is t
+
+
+def test_two_forwards_before_one_backward_keep_their_own_chains():
+    """Each forward's inputs chain on their own (the body's pre-hook starts a new chain), so the first
+    layer of the second forward does not prefetch the first forward's last input."""
+    model = _checkpointed(layers=3)
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.randint(0, 300, (2, 11), generator=gen), torch.randint(0, 300, (3, 9), generator=gen)
+
+    def both():
+        model.zero_grad(set_to_none=True)
+        (model(input_ids=a, labels=a).loss + model(input_ids=b, labels=b).loss).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = both()
+    with offload_checkpoint_inputs(model) as off:
+        handles, real_pack = [], off.pack
+
+        def pack(t):
+            handles.append(real_pack(t))
+            return handles[-1]
+
+        off.pack = pack
+        got = both()
+    assert len(handles) == 6 and handles[0].prev is None and handles[3].prev is None
+    assert [h.prev() for h in handles[4:]] == handles[3:5] and [h.prev() for h in handles[1:3]] == handles[0:2]
+    assert (off.stats["fetched"], off.stats["prefetched"], off.stats["fetched_on_demand"]) == (6, 6, 0)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
 
 
 def test_host_copies_live_as_long_as_the_graph():
@@ -159,7 +193,7 @@ def test_prune_model_with_offloaded_activations_equals_resident(weights):
     got = prune_model(tiny_model(seed=3, layers=3), x, offload_activations=True, **weights, **pipe)
     # 2 stages x 2 batches x 3 layers, each input out once and back once
     st = got.stats["activation_offload"]
-    assert st["offloaded"] == st["fetched"] == 12 and st["fetched_on_demand"] == 4
+    assert st["offloaded"] == st["fetched"] == 12 and st["fetched_on_demand"] == 0
     assert "activation_offload" not in ref.stats
     for layer in ref.keep:
         assert torch.equal(got.stage1_scores[layer], ref.stage1_scores[layer])
@@ -224,7 +258,7 @@ def test_cuda_offload_equal_gradients_and_lower_peak():
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     layer_input = 16 * 256 * 256 * 2
-    assert off.stats["offloaded"] == 6 and off.stats["prefetched"] == 5 and off.stats["fetched_on_demand"] == 1
-    # between forward and backward all six inputs are in host memory (their device blocks are free once
-    # the copies ran); allow one input of slack for allocator rounding
-    assert held_ref - held_off >= 5 * layer_input
+    assert off.stats["offloaded"] == 6 and off.stats["prefetched"] == 6 and off.stats["fetched_on_demand"] == 0
+    # between forward and backward five of the six inputs are in host memory (their device blocks are
+    # free once the copies ran; the last one is already on its way back); one input of slack for rounding
+    assert held_ref - held_off >= 4 * layer_input
