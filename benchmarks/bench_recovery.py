@@ -8,6 +8,9 @@ random lengths; LoRA r 8 / alpha 16 on q/k/v/o/gate/up/down; alpha 0.5, T 1; Ada
 * ``one-copy fused``: sdmprune.recover's trainer exactly as ``recover_masked_`` runs it: the
   original weights with the pruned channels masked + LoRA as the student, the same weights with
   masks off and adapters disabled as the teacher (hidden states only), the fused LM-head loss.
+* ``one-copy fused, checkpointed + offloaded inputs``: the same trainer with gradient checkpointing
+  and ``--offload-activations`` (the layer inputs wait in pinned host memory), whatever
+  ``--checkpointing`` says: what the recovery memory comes down to, and what the copies cost.
 * ``separate teacher + logits``: the usual way: a sliced student (+ LoRA) and a separate unpruned
   teacher copy, full student and teacher logits, CE and KL in PyTorch (float32 softmax).
 
@@ -70,8 +73,11 @@ def measure(fn, steps, warmup, device):
     return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated(device)
 
 
-def run_ours(config, keep, rows, args, device):
+def run_ours(config, keep, rows, args, device, offload_activations=False):
+    import contextlib
+
     from sdmprune import recover
+    from sdmprune.activation_offload import offload_checkpoint_inputs
     from sdmprune.models import get_adapter
 
     model = build(config, device)
@@ -81,12 +87,13 @@ def run_ours(config, keep, rows, args, device):
     masks = recover.ChannelMasks(model, keep)
     peft_model = recover._apply_lora(model, cfg)
     masks.install()
-    if args.checkpointing:
+    if args.checkpointing or offload_activations:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = recover._Trainer(model, adapter, rows, cfg, 10 ** 6,
                                teacher_fn=recover._self_teacher(model, peft_model, adapter, masks))
     trainer.rows_for_step = lambda step: torch.arange(len(rows))  # every row, every step
-    sec, peak = measure(trainer.train_step, args.steps, args.warmup, device)
+    with (offload_checkpoint_inputs(model, adapter=adapter) if offload_activations else contextlib.nullcontext()):
+        sec, peak = measure(trainer.train_step, args.steps, args.warmup, device)
     del trainer, peft_model, model, masks
     return sec, peak
 
@@ -165,7 +172,10 @@ def main(argv=None):
     rows = make_rows(args.seq_len, args.rows, config.vocab_size)
     tokens = int(rows.kl_mask.sum())
     results = []
-    for name, fn in (("one-copy fused (sdmprune)", run_ours), ("separate teacher + logits (usual)", run_usual)):
+    runs = (("one-copy fused (sdmprune)", run_ours), ("separate teacher + logits (usual)", run_usual),
+            ("one-copy fused, checkpointed + offloaded inputs (sdmprune)",
+             lambda *a: run_ours(*a, offload_activations=True)))
+    for name, fn in runs:
         gc.collect()
         torch.cuda.empty_cache()
         try:

@@ -151,8 +151,8 @@ class CheckpointInputOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def _checkpointed_layers(model: nn.Module) -> List[nn.Module]:
-    layers = [m for m in get_adapter(model).decoder_layers(model)
+def _checkpointed_layers(model: nn.Module, adapter) -> List[nn.Module]:
+    layers = [m for m in adapter.decoder_layers(model)
               if getattr(m, "gradient_checkpointing", False) and callable(getattr(m, "_gradient_checkpointing_func", None))]
     if not layers:
         raise InputError("activation offload moves checkpointed layer inputs: turn gradient checkpointing on "
@@ -162,7 +162,7 @@ def _checkpointed_layers(model: nn.Module) -> List[nn.Module]:
 
 @contextmanager
 def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None, prefetch: bool = True,
-                              cpu_copies: Optional[bool] = None):
+                              cpu_copies: Optional[bool] = None, adapter=None):
     """While active, the checkpointed decoder layers of ``model`` keep their inputs in pinned host memory
     between forward and backward (see the module docstring). Needs gradient checkpointing on (e.g.
     ``models.set_activation_checkpointing``). ``cpu_copies`` (default: when the model is on the CPU)
@@ -170,8 +170,10 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
     stay (default DEFAULT_MIN_BYTES, 0 with ``cpu_copies``). Yields the CheckpointInputOffload (its
     ``stats``). Scores and gradients are unchanged: the copies are exact. Hooks on the decoder body
     (``begin_pass`` before its forward, ``prefetch_last`` after) chain each forward's inputs on their
-    own and send the last one back while the loss runs."""
-    layers = _checkpointed_layers(model)
+    own and send the last one back while the loss runs. ``adapter``: the models adapter found before
+    LoRA layers replaced the MLP's linears (default: looked up now)."""
+    adapter = adapter if adapter is not None else get_adapter(model)
+    layers = _checkpointed_layers(model, adapter)
     if cpu_copies is None:
         cpu_copies = next(model.parameters()).device.type == "cpu"
     if min_bytes is None:
@@ -188,7 +190,7 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
         offloaded_checkpoint.__wrapped__ = inner
         originals.append((layer, inner, offloaded_checkpoint))
         layer._gradient_checkpointing_func = offloaded_checkpoint
-    body = get_adapter(model).body(model)
+    body = adapter.body(model)
     body_hooks = [body.register_forward_pre_hook(lambda module, args: offload.begin_pass()),
                   body.register_forward_hook(lambda module, args, out: offload.prefetch_last())]
     try:

@@ -803,7 +803,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the decoder layers in host memory and stream them to --device (small GPUs)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep the checkpointed layer inputs in pinned host memory between forward and backward "
-                        "(larger batches in the same memory)")
+                        "(larger batches in the same memory); with --recover-steps the recovery steps do too")
 
 
 def _validate_args(args):
@@ -867,8 +867,10 @@ def _recovery_options(args) -> dict:
         raise InputError(f"--recover-steps with method {args.method!r} needs --recover-data (it has no calibration data)")
     if data is not None and data != "self" and not os.path.exists(data):
         raise InputError(f"--recover-data {data!r}: no such file or directory")
+    # --offload-activations carries over: the recovery steps checkpoint their layers and offload the inputs too
+    offload = bool(getattr(args, "offload_activations", False))
     rcfg = FinetuneConfig(lr=args.recover_lr, seq_len=args.recover_seq_len or args.seq_len, seed=args.seed,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, gradient_checkpointing=offload, offload_activations=offload)
     return {"recover_steps": steps, "recover_data": data if data is not None else "calibration",
             "recover_config": rcfg}
 

@@ -111,6 +111,7 @@ class FinetuneConfig:
     overwrite: bool = False
     save_every: int = 100  # checkpoint every K optimizer steps (0 = only when interrupted)
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (sdmprune.activation_offload)
     self_samples: int = 64  # --data self: sequences sampled from the unpruned model
     progress: bool = True
     stop_after: Optional[int] = None  # stop after this many steps as if interrupted (tests; checkpoint kept)
@@ -120,7 +121,8 @@ class FinetuneConfig:
         return int(self.batch_size), int(accum)
 
     def recipe(self) -> dict:
-        skip = {"resume", "overwrite", "progress", "stop_after", "device"}
+        # options that change neither the math nor the data order: a run may resume with them changed
+        skip = {"resume", "overwrite", "progress", "stop_after", "device", "offload_activations"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -155,6 +157,8 @@ def _validate(cfg: FinetuneConfig) -> None:
             raise InputError(msg)
     if cfg.teacher and not cfg.distill:
         raise InputError("--teacher is only used with --distill")
+    if cfg.offload_activations and not cfg.gradient_checkpointing:
+        raise InputError("--offload-activations moves the checkpointed layer inputs: it needs --gradient-checkpointing")
     if cfg.merge and cfg.method == "full":
         raise InputError("--merge applies to LoRA adapters; --full already writes a plain model dir")
     _lora_targets(cfg.targets)
@@ -329,6 +333,7 @@ class _Trainer:
     def __init__(self, model, adapter, rows: Rows, cfg: FinetuneConfig, total_steps: int, *,
                  teacher_fn: Optional[Callable] = None, ckpt_dir: Optional[Path] = None, desc: str = "finetune"):
         self.model, self.rows, self.cfg = model, rows, cfg
+        self.adapter = adapter
         self.body = adapter.body(model)
         self.head = adapter.lm_head(model)
         self.device = self.head.weight.device
@@ -356,6 +361,7 @@ class _Trainer:
         self.history: List[dict] = []
         self.tokens = 0
         self.elapsed = 0.0
+        self.activation_offload: Optional[dict] = None  # its counters, with cfg.offload_activations
         self.fused = _fused_loss()
         # the norms and the rotary embedding run sdmprune's kernels during a step (models.fused_layer_ops;
         # the norms keep input and 1/rms instead of float32 copies: about 8 KiB less per token and layer
@@ -496,27 +502,39 @@ class _Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True,
                    disable=not cfg.progress, file=sys.stderr)
+        offload = contextlib.nullcontext()
+        if cfg.offload_activations:
+            from .activation_offload import offload_checkpoint_inputs
+
+            offload = offload_checkpoint_inputs(self.model, adapter=self.adapter)
         try:
-            while self.step < self.total:
-                t0 = time.perf_counter()
-                rec = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                self.elapsed += dt
-                rec["seconds"] = round(dt, 4)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens'] / max(dt, 1e-9):.0f}")
-                bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
-                    self.save_checkpoint()
-                if cfg.stop_after is not None and self.step >= cfg.stop_after and self.step < self.total:
-                    self.save_checkpoint()
-                    raise Interrupted(f"stopped after {self.step} steps (stop_after)")
+            with offload as off:
+                if off is not None:
+                    self.activation_offload = off.stats  # the live counters
+                self._steps(bar)
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise
         finally:
             bar.close()
+
+    def _steps(self, bar) -> None:
+        cfg = self.cfg
+        while self.step < self.total:
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            rec["seconds"] = round(dt, 4)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens'] / max(dt, 1e-9):.0f}")
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                self.save_checkpoint()
+            if cfg.stop_after is not None and self.step >= cfg.stop_after and self.step < self.total:
+                self.save_checkpoint()
+                raise Interrupted(f"stopped after {self.step} steps (stop_after)")
 
     def stats(self) -> dict:
         losses = [h["loss"] for h in self.history]
@@ -526,6 +544,8 @@ class _Trainer:
                "tokens_per_s": round(self.tokens / self.elapsed, 2) if self.elapsed else None,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "losses": self.history}
+        if self.activation_offload is not None:
+            out["activation_offload"] = dict(self.activation_offload)
         if self.device.type == "cuda":
             out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
@@ -906,6 +926,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps")
     p.add_argument("--merge", action="store_true", help="also write OUT/merged (adapters merged, plain model)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="with --gradient-checkpointing: keep the checkpointed layer inputs in pinned host memory "
+                        "between forward and backward (longer sequences or larger batches in the same memory)")
     p.add_argument("--self-samples", type=int, default=d.self_samples, help="--data self: sequences to sample")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on GPU, fp32 on CPU)")
@@ -926,7 +949,8 @@ def config_from_args(args) -> FinetuneConfig:
         packing=not args.no_packing, eval_ppl=args.eval_ppl, eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len, resume=args.resume, merge=args.merge, device=args.device,
         dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, save_every=args.save_every,
-        gradient_checkpointing=args.gradient_checkpointing, self_samples=args.self_samples,
+        gradient_checkpointing=args.gradient_checkpointing, offload_activations=args.offload_activations,
+        self_samples=args.self_samples,
         progress=not args.no_progress)
 
 

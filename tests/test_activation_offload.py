@@ -211,6 +211,14 @@ def test_cli_flag_reaches_the_config():
     args = p.parse_args(["m", "--out", "o", "--ratio", "0.2", "--offload-activations"])
     assert args.offload_activations is True
     assert p.parse_args(["m", "--out", "o", "--ratio", "0.2"]).offload_activations is False
+    # with --recover-steps the recovery steps checkpoint and offload as well
+    from sdmprune.pipeline import _recovery_options
+
+    for flag in (True, False):
+        extra = ["--offload-activations"] if flag else []
+        rcfg = _recovery_options(p.parse_args(["m", "--out", "o", "--ratio", "0.2", "--recover-steps", "2"] + extra))
+        rcfg = rcfg["recover_config"]
+        assert rcfg.offload_activations is flag and rcfg.gradient_checkpointing is flag
 
 
 def test_memory_model_counts_two_resident_layer_inputs():

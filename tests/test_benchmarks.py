@@ -66,3 +66,18 @@ def test_layer_ops_smoke_run_writes_results(tmp_path):
     assert ops["rms_norm"]["transformers_ms"] > 0 and ops["rms_norm"]["sdmprune_saved_bytes"] > 0
     assert ops["gated_activation"]["torch_bwd_ms"] > 0 and ops["gated_activation"]["sdmprune_bwd_ms"] > 0
     assert ops["rotary"]["transformers_ms"] > 0 and ops["rotary"]["sdmprune_ms"] > 0
+
+
+def test_recovery_summary_judges_the_same_settings_row_and_shows_the_offloaded_one():
+    report = load("report")
+    rows = [{"method": "one-copy fused (sdmprune)", "tokens_per_s": 300.0, "peak_memory_gib": 4.0},
+            {"method": "separate teacher + logits (usual)", "tokens_per_s": 200.0, "peak_memory_gib": 10.0},
+            {"method": "one-copy fused, checkpointed + offloaded inputs (sdmprune)", "tokens_per_s": 150.0,
+             "peak_memory_gib": 2.0}]
+    text, verdict = report._recovery_summary({"results": rows})
+    assert text == "1.50x tokens/s, 0.40x peak memory; checkpointed + offloaded inputs: 0.75x, 0.20x"
+    assert verdict == report._yes(True)
+    # an earlier results file (two rows) reads as before; a miss on memory is a miss
+    rows[0]["peak_memory_gib"] = 6.0
+    text, verdict = report._recovery_summary({"results": rows[:2]})
+    assert text == "1.50x tokens/s, 0.60x peak memory" and verdict == report._yes(False)

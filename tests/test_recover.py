@@ -270,6 +270,33 @@ def test_resume_equals_uninterrupted(tmp_path, model_dir, text_file):
     assert [h["loss"] for h in la] == [h["loss"] for h in lb]
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_offloaded_activations_train_the_same(tmp_path, model_dir, text_file, method):
+    """--offload-activations (with checkpointing) changes where the layer inputs wait, not the numbers:
+    the same losses and weights as the checkpointed run without it, every input out and back once,
+    the last one of each forward prefetched before backward. LoRA distils from itself (adapters off: the
+    teacher's no-grad forward runs through the same hooked body before the student's); full fine-tuning
+    from a separate teacher model."""
+    from safetensors.torch import load_file
+
+    cfg = dict(method=method, distill=True, max_steps=3, gradient_checkpointing=True, lr=1e-2, dtype="fp32",
+               teacher=None if method == "lora" else str(model_dir))
+    reps, weights = [], []
+    for offload in (False, True):
+        out = tmp_path / f"out{int(offload)}"
+        reps.append(recover.finetune(str(model_dir), str(text_file), out,
+                                     fast_cfg(offload_activations=offload, **cfg)))
+        name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+        weights.append(load_file(out / name))
+    assert [h["loss"] for h in reps[0]["training"]["losses"]] == [h["loss"] for h in reps[1]["training"]["losses"]]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    st = reps[1]["training"]["activation_offload"]
+    micro_batches = 3 * 2  # max_steps x grad_accum
+    assert st["offloaded"] == st["fetched"] == 2 * micro_batches  # two decoder layers per forward
+    assert st["prefetched"] == st["fetched"] and st["fetched_on_demand"] == 0
+    assert "activation_offload" not in reps[0]["training"]
+
+
 # ----------------------------------------------------------------------------------- one copy
 
 
@@ -346,7 +373,8 @@ def sliced_dir(tmp_path_factory, model_dir):
     return d
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no_response", "seq_len", "distill_sliced", "lora_full"])
+@pytest.mark.parametrize("case", ["missing", "empty", "no_response", "seq_len", "distill_sliced", "lora_full",
+                                  "offload_no_ckpt"])
 def test_bad_input_one_line_nothing_written(tmp_path, capsys, model_dir, sliced_dir, text_file, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -367,6 +395,8 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, model_dir, sliced_
         model, extra = str(sliced_dir), ["--distill"]
     elif case == "lora_full":
         extra = ["--lora", "--full"]
+    elif case == "offload_no_ckpt":
+        extra = ["--offload-activations"]
     rc = cli.main(["finetune", model, "--data", data, "--out", str(out), "--max-steps", "1", "--no-progress",
                    "--seq-len", "64"] + extra if case != "seq_len" else
                   ["finetune", model, "--data", data, "--out", str(out), "--max-steps", "1", "--no-progress"] + extra)
@@ -375,4 +405,5 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, model_dir, sliced_
     assert len(err) == 1 and err[0].startswith("sdmprune finetune: error:"), err
     assert not out.exists() and not recover.checkpoint_dir(out).exists()
     assert {"missing": "no such file", "empty": "empty", "no_response": "no response", "seq_len": "positions",
-            "distill_sliced": "--teacher", "lora_full": "--lora and --full"}[case] in err[0]
+            "distill_sliced": "--teacher", "lora_full": "--lora and --full",
+            "offload_no_ckpt": "needs --gradient-checkpointing"}[case] in err[0]
