@@ -209,6 +209,15 @@ def _labels(x: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _tokens_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids to ``device`` without stalling the host: a copy from pageable memory waits for all GPU
+    work queued before it; one from pinned memory is queued like a kernel (torch's pinned-memory
+    allocator keeps the buffer until the copy has run)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
@@ -448,7 +457,7 @@ def _lean_taylor(model, tokens, cfg: PruneConfig, plan: WidthPlan, stage1_width:
         bar = _progress(len(idx) * L, desc, cfg.progress, device)
         bar.update(sum(len(b) for b in batches[:cursor]) * L)
         for bi in range(cursor, len(batches)):
-            x = tokens[batches[bi]].to(device)
+            x = _tokens_to(tokens[batches[bi]], device)
             h = body(input_ids=x, use_cache=False).last_hidden_state
             (batch_loss(bi, x, h) * x.shape[0]).backward()  # sum of per-sample mean losses
             _tick(bar, x.numel(), device)
@@ -613,7 +622,7 @@ def _baseline_scores(model, tokens, cfg: PruneConfig, stats: dict) -> Dict[int, 
             bar = _progress(len(idx) * tokens.shape[1], "wanda-sp: activation norms", cfg.progress, device)
             with torch.no_grad():
                 for i in range(0, len(idx), cfg.batch_size):
-                    x = tokens[idx[i:i + cfg.batch_size]].to(device)
+                    x = _tokens_to(tokens[idx[i:i + cfg.batch_size]], device)
                     get_adapter(model).body(model)(input_ids=x, use_cache=False)
                     _tick(bar, x.numel(), device)
             bar.close()
