@@ -92,7 +92,7 @@ def run_ours(config, keep, rows, args, device, offload_activations=False):
     trainer = recover._Trainer(model, adapter, rows, cfg, 10 ** 6,
                                teacher_fn=recover._self_teacher(model, peft_model, adapter, masks))
     trainer.rows_for_step = lambda step: torch.arange(len(rows))  # every row, every step
-    with (offload_checkpoint_inputs(model, adapter=adapter) if offload_activations else contextlib.nullcontext()):
+    with (offload_checkpoint_inputs(model) if offload_activations else contextlib.nullcontext()):
         sec, peak = measure(trainer.train_step, args.steps, args.warmup, device)
     del trainer, peft_model, model, masks
     return sec, peak

@@ -162,7 +162,7 @@ def _checkpointed_layers(model: nn.Module, adapter) -> List[nn.Module]:
 
 @contextmanager
 def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None, prefetch: bool = True,
-                              cpu_copies: Optional[bool] = None, adapter=None):
+                              cpu_copies: Optional[bool] = None):
     """While active, the checkpointed decoder layers of ``model`` keep their inputs in pinned host memory
     between forward and backward (see the module docstring). Needs gradient checkpointing on (e.g.
     ``models.set_activation_checkpointing``). ``cpu_copies`` (default: when the model is on the CPU)
@@ -170,9 +170,8 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
     stay (default DEFAULT_MIN_BYTES, 0 with ``cpu_copies``). Yields the CheckpointInputOffload (its
     ``stats``). Scores and gradients are unchanged: the copies are exact. Hooks on the decoder body
     (``begin_pass`` before its forward, ``prefetch_last`` after) chain each forward's inputs on their
-    own and send the last one back while the loss runs. ``adapter``: the models adapter found before
-    LoRA layers replaced the MLP's linears (default: looked up now)."""
-    adapter = adapter if adapter is not None else get_adapter(model)
+    own and send the last one back while the loss runs."""
+    adapter = get_adapter(model)
     layers = _checkpointed_layers(model, adapter)
     if cpu_copies is None:
         cpu_copies = next(model.parameters()).device.type == "cpu"

@@ -333,7 +333,6 @@ class _Trainer:
     def __init__(self, model, adapter, rows: Rows, cfg: FinetuneConfig, total_steps: int, *,
                  teacher_fn: Optional[Callable] = None, ckpt_dir: Optional[Path] = None, desc: str = "finetune"):
         self.model, self.rows, self.cfg = model, rows, cfg
-        self.adapter = adapter
         self.body = adapter.body(model)
         self.head = adapter.lm_head(model)
         self.device = self.head.weight.device
@@ -506,7 +505,7 @@ class _Trainer:
         if cfg.offload_activations:
             from .activation_offload import offload_checkpoint_inputs
 
-            offload = offload_checkpoint_inputs(self.model, adapter=self.adapter)
+            offload = offload_checkpoint_inputs(self.model)
         try:
             with offload as off:
                 if off is not None:
