@@ -779,7 +779,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.4)
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--stage1-keep", type=float, default=0.975)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="samples per backward pass per GPU (default 1)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="GPU memory budget, e.g. 18GiB: the batch size becomes the largest that sdmprune's memory "
+                        "model (sdmprune plan) predicts to fit per GPU")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -818,7 +821,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _validate_args(args):
     """Every check that needs no model weights, before any work."""
     from .data import resolve_source
-    from .loading import resolve_device, resolve_model
+    from .loading import default_dtype, resolve_device, resolve_model
 
     if args.samples < 1:
         raise InputError("--samples must be at least 1")
@@ -829,7 +832,8 @@ def _validate_args(args):
     device = _rank_device(resolve_device(args.device))
     cfg = PruneConfig(ratio=args.ratio, width=args.width, alpha=args.alpha, temperature=args.temperature,
                       stage1_keep=args.stage1_keep, method=args.method, engine=args.engine,
-                      batch_size=args.batch_size, gradient_checkpointing=not args.no_gradient_checkpointing,
+                      batch_size=1 if args.batch_size is None else args.batch_size,
+                      gradient_checkpointing=not args.no_gradient_checkpointing,
                       loss_token_chunk=args.loss_chunk,
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
                       progress=not args.no_progress, shard=args.shard, offload=args.offload,
@@ -856,9 +860,43 @@ def _validate_args(args):
     from .plan import meta_model_from_config
 
     plan = plan_width(meta_model_from_config(source.config), cfg.ratio, cfg.width, cfg.round_to)
+    budget = None
     if cfg.method in GRADIENT_METHODS:
-        resolve_engine(cfg.engine, device)
-    return cfg, out, device, calib, eval_spec, source, plan
+        engine, _ = resolve_engine(cfg.engine, device)
+        if args.max_memory is not None:
+            if args.batch_size is not None:
+                raise InputError("--batch-size and --max-memory exclude each other (--max-memory picks the batch size)")
+            cfg.batch_size, budget = batch_size_for_memory(source.config, cfg, engine, args.seq_len, args.max_memory,
+                                                           args.samples, default_dtype(args.dtype, device))
+    elif args.max_memory is not None:
+        raise InputError(f"--max-memory sizes the batch of the gradient passes (methods {', '.join(GRADIENT_METHODS)}); "
+                         f"method {cfg.method!r} has none")
+    return cfg, out, device, calib, eval_spec, source, plan, budget
+
+
+def batch_size_for_memory(model_config, cfg: PruneConfig, engine: str, seq_len: int, budget: str, samples: int,
+                          dtype: str = "bf16") -> tuple:
+    """(batch size, note): the largest batch per GPU that sdmprune.memory predicts to fit ``budget``
+    (e.g. "18GiB") with ``cfg``'s settings, at most this rank's share of ``samples``; ``note`` holds
+    the budget and the prediction for the report. Raises InputError when even batch 1 is predicted not
+    to fit. ``engine``: "fused", "torch" or "reference" (one sample per backward)."""
+    from .memory import GiB, largest_batch, parse_size, predict_peak_memory
+
+    limit = parse_size(budget)
+    kw = dict(dtype=dtype, gpus=dist.world_size(), shard=cfg.shard, offload=cfg.offload, engine=engine,
+              gradient_checkpointing=cfg.gradient_checkpointing, loss_token_chunk=cfg.loss_token_chunk,
+              offload_activations=cfg.offload_activations)
+    most = 1 if engine == "reference" else max(1, -(-samples // dist.world_size()))
+    batch = largest_batch(model_config, seq_len, limit, max_batch=most, **kw)
+    if batch == 0:
+        need = predict_peak_memory(model_config, seq_len, 1, **kw)["total"]
+        hints = [h for h, applies in (("--offload-activations", cfg.gradient_checkpointing and not cfg.offload_activations),
+                                      ("--offload cpu", not cfg.offload), ("--shard fsdp over more GPUs", True),
+                                      ("a shorter --seq-len", True)) if applies]
+        raise InputError(f"--max-memory {budget}: even batch 1 is predicted to need {need / GiB:.2f} GiB per GPU "
+                         f"(try {', '.join(hints)})")
+    predicted = predict_peak_memory(model_config, seq_len, batch, **kw)["total"]
+    return batch, {"max_memory": budget, "budget_bytes": limit, "batch_size": batch, "predicted_peak_bytes": predicted}
 
 
 def _recovery_options(args) -> dict:
@@ -934,7 +972,7 @@ def _run(args) -> int:
     from .evaluate import perplexity_on_source
     from .loading import default_dtype, load_model
 
-    cfg, out, device, calib, eval_spec, source, plan = _validate_args(args)
+    cfg, out, device, calib, eval_spec, source, plan, budget = _validate_args(args)
     dtype = default_dtype(args.dtype, device)
     main = dist.is_main_process()
 
@@ -946,6 +984,9 @@ def _run(args) -> int:
         f"params {plan.params_before:,} -> {plan.params_after:,} ({plan.achieved_ratio:.2%} removed)"
         + (f"; rounded to a multiple of {plan.rounding['multiple']} (was {plan.rounding['width_before']})"
            if plan.rounding else ""))
+    if budget is not None:
+        say(f"batch size {budget['batch_size']}: the largest predicted to fit {budget['max_memory']} per GPU "
+            f"({budget['predicted_peak_bytes'] / 2**30:.2f} GiB predicted; sdmprune plan shows the parts)")
     t0 = time.perf_counter()
     # under --shard/--offload the weights load into host memory: FSDP2 moves 1/N of every layer to the
     # GPU, the streamer copies layers in as they run
@@ -957,6 +998,8 @@ def _run(args) -> int:
         + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
     report: dict = {"model": args.model, "model_source": source.describe(), "method": cfg.method,
                     "config": cfg.to_dict(), "dtype": dtype, "versions": package_versions()}
+    if budget is not None:
+        report["batch_size_from_max_memory"] = budget
     tokens = None
     if calib is not None:
         t0 = time.perf_counter()

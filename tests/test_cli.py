@@ -95,7 +95,54 @@ def test_prune_with_offloaded_activations(files, tmp_path, capsys):
     assert st["offloaded"] == st["fetched"] == 2 and st["bytes_offloaded"] == 2 * 2 * 8 * 64 * 4
 
 
+def test_prune_max_memory_picks_the_batch(files, tmp_path, capsys):
+    """--max-memory: the batch size is the largest the memory model predicts to fit, capped by the
+    samples; it is what the run used (config) and the report says why."""
+    from transformers import AutoConfig
+
+    from sdmprune.memory import GiB, predict_peak_memory
+    from sdmprune.pipeline import PruneConfig, batch_size_for_memory
+
+    config = AutoConfig.from_pretrained(files / "tiny")
+    kw = dict(dtype="fp32", engine="torch", seq_len=16, samples=64)
+    one = predict_peak_memory(config, 16, 1, dtype="fp32", engine="torch")["total"]
+    four = predict_peak_memory(config, 16, 4, dtype="fp32", engine="torch")["total"]
+    five = predict_peak_memory(config, 16, 5, dtype="fp32", engine="torch")["total"]
+    assert one < four < five
+    batch, note = batch_size_for_memory(config, PruneConfig(width=96), budget=f"{(four + five) // 2}", **kw)
+    assert batch == 4 and note["predicted_peak_bytes"] == four and note["budget_bytes"] == (four + five) // 2
+    assert batch_size_for_memory(config, PruneConfig(width=96), budget="1TiB", **dict(kw, samples=6))[0] == 6
+    assert batch_size_for_memory(config, PruneConfig(width=96), budget="1TiB", **dict(kw, engine="reference"))[0] == 1
+    # at 8B in 18 GiB (the memory model's own figures): offloading the layer inputs fits a larger batch
+    from sdmprune.memory import BUILTIN_SHAPES, largest_batch
+
+    big = BUILTIN_SHAPES["llama-3.1-8b"]
+    resident = batch_size_for_memory(big, PruneConfig(ratio=0.2), "fused", 1024, "18GiB", 1024)[0]
+    offloaded = batch_size_for_memory(big, PruneConfig(ratio=0.2, offload_activations=True), "fused", 1024, "18GiB",
+                                      1024)[0]
+    assert resident == largest_batch(big, 1024, 18 * GiB, max_batch=1024, engine="fused") >= 1
+    assert offloaded > resident
+
+    out = tmp_path / "o"
+    budget = f"{(one + predict_peak_memory(config, 16, 2, dtype='fp32', engine='torch')['total']) // 2 / GiB:.6f}GiB"
+    code, cap = run_cli(["prune", files / "tiny", "--out", out, "--width", 96, "--method", "taylor", "--samples", 3,
+                         "--seq-len", 16, "--engine", "torch", "--device", "cpu", "--max-memory", budget,
+                         "--no-progress"], capsys)
+    assert code == 0, cap.err
+    report = json.loads((out / "sdmprune.json").read_text())
+    assert report["config"]["batch_size"] == 1 and report["batch_size_from_max_memory"]["batch_size"] == 1
+    assert "batch size 1: the largest predicted to fit" in cap.err
+
+
 BAD = {
+    "max memory too small": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--max-memory", "1MiB"],
+                             "even batch 1 is predicted to need"),
+    "max memory with batch size": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--max-memory",
+                                    "8GiB", "--batch-size", "2"], "exclude each other"),
+    "max memory for magnitude": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--max-memory", "8GiB",
+                                  "--method", "magnitude"], "has none"),
+    "max memory unreadable": (["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--max-memory", "lots"],
+                              "cannot read memory size"),
     "offload activations without checkpointing": (
         ["prune", "{root}/tiny", "--out", "{out}", "--width", "100", "--offload-activations",
          "--no-gradient-checkpointing"], "needs gradient checkpointing"),
