@@ -77,30 +77,30 @@ def build_random_model(config, device, dtype, seed=0):
 
 
 def worker(args) -> dict:
-    from sdmprune.memory import BUILTIN_SHAPES, GiB, largest_batch, parse_size, predict_peak_memory
-    from sdmprune.pipeline import PruneConfig, prune_model
+    from sdmprune.errors import InputError
+    from sdmprune.memory import BUILTIN_SHAPES, GiB, predict_peak_memory
+    from sdmprune.pipeline import PruneConfig, batch_size_for_memory, memory_settings, prune_model
 
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shape_name = "smoke" if args.smoke else SHAPES[args.shape][0]
     config = hf_config(shape_name)
     width = 120 if args.smoke else SHAPES[args.shape][1]
-    batch = args.batch_size
     shape = config if args.smoke else BUILTIN_SHAPES[shape_name]
     ckpt = not args.no_checkpointing
-    # the settings the memory model and the run share
-    memory_kw = dict(dtype=dtype, engine=args.engine, gradient_checkpointing=ckpt, loss_token_chunk=args.loss_chunk,
-                     offload_activations=args.offload_activations)
-    if args.max_memory:
-        batch = largest_batch(shape, args.seq_len, parse_size(args.max_memory), max_batch=args.samples, **memory_kw)
-        if batch == 0:
-            return {"error": f"does not fit {args.max_memory} at batch 1 (predicted)"}
-    if args.engine == "reference":
-        batch = 1  # the reference engine runs one sample per backward
-    predicted = predict_peak_memory(shape, args.seq_len, batch, **memory_kw)
-    cfg = PruneConfig(width=width, engine=args.engine, batch_size=batch, gradient_checkpointing=ckpt,
+    cfg = PruneConfig(width=width, engine=args.engine, batch_size=args.batch_size, gradient_checkpointing=ckpt,
                       loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations,
                       progress=False, seed=0)
+    if args.max_memory:  # what `sdmprune prune --max-memory` picks
+        try:
+            cfg.batch_size, _ = batch_size_for_memory(shape, cfg, args.engine, args.seq_len, args.max_memory,
+                                                      args.samples, dtype)
+        except InputError as exc:
+            return {"error": str(exc)}
+    if args.engine == "reference":
+        cfg.batch_size = 1  # the reference engine runs one sample per backward
+    batch = cfg.batch_size
+    predicted = predict_peak_memory(shape, args.seq_len, batch, **memory_settings(cfg, args.engine, dtype))
     gen = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, config.vocab_size, (args.samples, args.seq_len), generator=gen)
     warmup_s = None

@@ -74,10 +74,8 @@ def measure(fn, steps, warmup, device):
 
 
 def run_ours(config, keep, rows, args, device, offload_activations=False):
-    import contextlib
-
     from sdmprune import recover
-    from sdmprune.activation_offload import offload_checkpoint_inputs
+    from sdmprune.activation_offload import maybe_offload_checkpoint_inputs
     from sdmprune.models import get_adapter
 
     model = build(config, device)
@@ -92,7 +90,7 @@ def run_ours(config, keep, rows, args, device, offload_activations=False):
     trainer = recover._Trainer(model, adapter, rows, cfg, 10 ** 6,
                                teacher_fn=recover._self_teacher(model, peft_model, adapter, masks))
     trainer.rows_for_step = lambda step: torch.arange(len(rows))  # every row, every step
-    with (offload_checkpoint_inputs(model) if offload_activations else contextlib.nullcontext()):
+    with maybe_offload_checkpoint_inputs(model, offload_activations):
         sec, peak = measure(trainer.train_step, args.steps, args.warmup, device)
     del trainer, peft_model, model, masks
     return sec, peak

@@ -28,7 +28,7 @@ prefetch order and release are the same, which is what the CPU tests check.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -201,3 +201,9 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
             # leave it alone if checkpointing was re-configured meanwhile (a new function was set)
             if getattr(layer, "_gradient_checkpointing_func", None) is wrapper:
                 layer._gradient_checkpointing_func = inner
+
+
+def maybe_offload_checkpoint_inputs(model: nn.Module, enabled: bool):
+    """``offload_checkpoint_inputs(model)`` when ``enabled``, else a context that yields None (the
+    ``--offload-activations`` switch of the pipeline, recovery and benchmarks)."""
+    return offload_checkpoint_inputs(model) if enabled else nullcontext()

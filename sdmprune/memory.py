@@ -196,17 +196,15 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     attn = T * (3 * d + 2 * q + 3 * kv) * b + T * s.num_attention_heads * 4  # norm out, q/k/v (+rope), attn out, o; lse
     if engine == "reference":
         norms = 2 * T * d * 4  # transformers' RMSNorm keeps a float32 copy of its input, two per layer
-    else:
-        # kernels.rms_norm keeps its input and a float32 1/rms per row: the post-attention norm's input
-        # (the residual sum) is new, the input norm's is the layer input (the checkpoint's, or without
-        # checkpointing the residual stream, then kept as well)
-        norms = (1 if gradient_checkpointing else 2) * T * d * b + 2 * T * 4
-    if engine == "reference":
         # autograd's MLP: gate/up outputs, act*up, their gradients (dG, dU reuse), dY, dX
         mlp_saved, mlp_backward = T * 4 * I * b, 2 * T * d * b
     else:
         from sdmprune.kernels.gated_mlp import BACKWARD_CHUNK_BYTES
 
+        # kernels.rms_norm keeps its input and a float32 1/rms per row: the post-attention norm's input
+        # (the residual sum) is new, the input norm's is the layer input (the checkpoint's, or without
+        # checkpointing the residual stream, then kept as well)
+        norms = (1 if gradient_checkpointing else 2) * T * d * b + 2 * T * 4
         # kernels.gated_mlp: with checkpointing the MLP saves only x and its backward recomputes gate/up
         # in chunks of whole samples (5 [C, I] temporaries); without, it saves gate/up (2 [T, I]) and
         # backward holds 3 [C, I] temporaries. dY and dX are [T, d].

@@ -281,14 +281,11 @@ def _gradient_pass(model, checkpointing: bool, backend: str = "auto", offload_ac
 
 @contextmanager
 def _maybe_offload_activations(model, enabled: bool, stats: Optional[dict]):
-    if not enabled:
-        yield
-        return
-    from .activation_offload import offload_checkpoint_inputs
+    from .activation_offload import maybe_offload_checkpoint_inputs
 
-    with offload_checkpoint_inputs(model) as offload:
+    with maybe_offload_checkpoint_inputs(model, enabled) as offload:
         yield
-    if stats is not None:
+    if offload is not None and stats is not None:
         stats["activation_offload"] = dict(offload.stats)
 
 
@@ -874,6 +871,14 @@ def _validate_args(args):
     return cfg, out, device, calib, eval_spec, source, plan, budget
 
 
+def memory_settings(cfg: PruneConfig, engine: str, dtype="bf16") -> dict:
+    """The keyword arguments of sdmprune.memory.predict_peak_memory / largest_batch that describe a
+    run of ``cfg`` on this process group (``engine`` resolved: "fused", "torch" or "reference")."""
+    return dict(dtype=dtype, gpus=dist.world_size(), shard=cfg.shard, offload=cfg.offload, engine=engine,
+                gradient_checkpointing=cfg.gradient_checkpointing, loss_token_chunk=cfg.loss_token_chunk,
+                offload_activations=cfg.offload_activations)
+
+
 def batch_size_for_memory(model_config, cfg: PruneConfig, engine: str, seq_len: int, budget: str, samples: int,
                           dtype: str = "bf16") -> tuple:
     """(batch size, note): the largest batch per GPU that sdmprune.memory predicts to fit ``budget``
@@ -883,9 +888,7 @@ def batch_size_for_memory(model_config, cfg: PruneConfig, engine: str, seq_len: 
     from .memory import GiB, largest_batch, parse_size, predict_peak_memory
 
     limit = parse_size(budget)
-    kw = dict(dtype=dtype, gpus=dist.world_size(), shard=cfg.shard, offload=cfg.offload, engine=engine,
-              gradient_checkpointing=cfg.gradient_checkpointing, loss_token_chunk=cfg.loss_token_chunk,
-              offload_activations=cfg.offload_activations)
+    kw = memory_settings(cfg, engine, dtype)
     most = 1 if engine == "reference" else max(1, -(-samples // dist.world_size()))
     batch = largest_batch(model_config, seq_len, limit, max_batch=most, **kw)
     if batch == 0:

@@ -501,13 +501,10 @@ class _Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True,
                    disable=not cfg.progress, file=sys.stderr)
-        offload = contextlib.nullcontext()
-        if cfg.offload_activations:
-            from .activation_offload import offload_checkpoint_inputs
+        from .activation_offload import maybe_offload_checkpoint_inputs
 
-            offload = offload_checkpoint_inputs(self.model)
         try:
-            with offload as off:
+            with maybe_offload_checkpoint_inputs(self.model, cfg.offload_activations) as off:
                 if off is not None:
                     self.activation_offload = off.stats  # the live counters
                 self._steps(bar)
