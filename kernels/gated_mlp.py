@@ -3,10 +3,13 @@
     Y = down(act(gate(X)) * up(X) [* mask])        X [..., d], weights W_gate/W_up [I, d], W_down [d, I]
 
 Backward (dY given): dH = dY W_down [* mask], dU = dH * act(G), dG = dH * U * act'(G),
-dX = dG W_gate + dU W_up, and ``accumulate_taylor_scores_`` adds the per-sample channel scores.
-Weights get no gradient (they must have requires_grad=False). The activation act(G) is recomputed
-in backward from the saved gate output instead of being kept, and backward runs in token chunks of
-whole samples, so its [T, I] temporaries are [chunk, I]. Under activation checkpointing with
+dX = dG W_gate + dU W_up, and the importance is added into a float32 score per channel:
+``importance="weight"`` (SDMPrune): ``accumulate_taylor_scores_`` adds the per-sample weight Taylor
+scores; ``importance="activation"`` (HFPrune): ``accumulate_activation_scores_`` adds
+sum_t |H * dL/dH| at the down_proj input H = act(G) * U [* mask], from the H and dH this backward
+forms anyway. Weights get no gradient (they must have requires_grad=False). The activation act(G)
+is recomputed in backward from the saved gate output instead of being kept, and backward runs in
+token chunks of whole samples, so its [T, I] temporaries are [chunk, I]. Under activation checkpointing with
 ``checkpoint_context_fn`` only X is saved: backward recomputes G and U chunk by chunk, and the
 checkpoint's recompute of the layer can skip the MLP entirely (see ``checkpoint_context_fn``).
 """
@@ -20,6 +23,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .activation_taylor import accumulate_activation_scores_
 from .taylor_importance import accumulate_taylor_scores_
 from .utils import triton_available, use_triton
 
@@ -174,22 +178,26 @@ def gated_activation_forward(g: torch.Tensor, u: torch.Tensor, act: str, mask: O
 
 
 def gated_activation_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor, act: str,
-                              mask: Optional[torch.Tensor] = None,
-                              backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              mask: Optional[torch.Tensor] = None, backend: str = "auto",
+                              keep_dh: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dU, dG, H) for H = act(g) * u [* mask] given dH = dL/dH, all [rows, I]. dh is scratch: its
-    buffer is overwritten (the Triton path writes dG over it)."""
+    buffer is overwritten (the Triton path writes dG over it) unless ``keep_dh`` (dG then gets a
+    buffer of its own, one more [rows, I] tensor)."""
     if not _fusable(act, backend, g, u, dh, mask):
-        dh = _masked(dh, mask)
+        dhm = _masked(dh, mask)
         a = apply_activation(act, g)
-        d_up = dh * a
+        d_up = dhm * a
         h = _masked(a.mul_(u), mask)  # a's buffer becomes h
-        d_gate = activation_backward(act, dh.mul_(u), g)
+        dhu = dhm * u if (keep_dh and dhm is dh) else dhm.mul_(u)
+        d_gate = activation_backward(act, dhu, g)
         return d_up, d_gate, h
     d_up, h = torch.empty_like(g), torch.empty_like(g)
-    d_gate = dh
+    d_gate = torch.empty_like(g) if keep_dh else dh
     if POISON_OUTPUTS:
         d_up.fill_(float("nan"))
         h.fill_(float("nan"))
+        if keep_dh:
+            d_gate.fill_(float("nan"))
     N = g.numel()
     if N:
         _gated_act_bwd_kernel[(triton.cdiv(N, _EW_BLOCK),)](
@@ -274,7 +282,8 @@ def backward_chunks(T: int, bounds: Optional[List[int]], max_tokens: int) -> Lis
 class _GatedMLPImportance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, b_gate, w_up, b_up, w_down, b_down, mask, act, scores, seg_offsets,
-                seg_bounds, token_mask, backend, accumulate_if, save_input_only, skip_compute, token_chunk):
+                seg_bounds, token_mask, backend, accumulate_if, save_input_only, skip_compute, token_chunk,
+                importance):
         _check_not_meta(w_gate, w_up, w_down, b_gate, b_up, b_down)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -298,7 +307,7 @@ class _GatedMLPImportance(torch.autograd.Function):
         # saved tensors only, so these stay the values of the original forward.
         ctx.act, ctx.scores, ctx.seg_offsets, ctx.seg_bounds = act, scores, seg_offsets, seg_bounds
         ctx.token_mask, ctx.backend, ctx.accumulate_if, ctx.shape = token_mask, backend, accumulate_if, shape
-        ctx.token_chunk = token_chunk
+        ctx.token_chunk, ctx.importance = token_chunk, importance
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -314,12 +323,16 @@ class _GatedMLPImportance(torch.autograd.Function):
         if scores is not None and not (ctx.accumulate_if is None or ctx.accumulate_if()):
             scores = None
         seg, bounds = ctx.seg_offsets, None
+        activation = ctx.importance == "activation"
+        keep = ctx.token_mask
         if scores is not None:
             bounds = ctx.seg_bounds
             if bounds is None:
                 bounds = [int(v) for v in seg.tolist()]  # explicit device offsets: one sync
             if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
                 bounds = [0, T]  # unsorted offsets: one range, the kernel handles any order
+                if activation:
+                    keep = _inside_segments(seg.to(x2.device), T, keep)
         dx = torch.empty(T, x2.shape[1], dtype=cdt, device=x2.device)
         for t0, t1, s0, s1 in backward_chunks(T, bounds, ctx.token_chunk):
             xc, dyc = x2[t0:t1], dy2[t0:t1]
@@ -327,21 +340,43 @@ class _GatedMLPImportance(torch.autograd.Function):
                 gc, uc = F.linear(xc, w_gate, b_gate), F.linear(xc, w_up, b_up)
             else:
                 gc, uc = g[t0:t1], u[t0:t1]
-            # dU, dG (over dH's buffer) and H = act(G) * U [* mask] for the importance, [C, I] each
-            d_up, d_gate, h = gated_activation_backward(gc, uc, dyc @ w_down.to(cdt), ctx.act, mask, ctx.backend)
+            # dU, dG (over dH's buffer, unless the activation importance still reads dH) and
+            # H = act(G) * U [* mask] for the importance, [C, I] each
+            dh = dyc @ w_down.to(cdt)
+            d_up, d_gate, h = gated_activation_backward(gc, uc, dh, ctx.act, mask, ctx.backend,
+                                                        keep_dh=activation and scores is not None)
             torch.matmul(d_gate, w_gate.to(cdt), out=dx[t0:t1])
             dx[t0:t1].addmm_(d_up, w_up.to(cdt))
             if scores is not None and s1 > s0:
-                if (t0, t1) == (0, T):
-                    seg_c = seg
+                if activation:
+                    # the tokens of the whole samples s0..s1-1, [bounds[s0], bounds[s1]) (unsorted
+                    # offsets are one range [0, T) here, their tokens selected by ``keep``)
+                    a, b = bounds[s0] - t0, bounds[s1] - t0
+                    tm = None if keep is None else keep[t0 + a:t0 + b]
+                    accumulate_activation_scores_(scores, h[a:b], dh[a:b], tm, backend=ctx.backend)
                 else:
-                    seg_c = seg[s0:s1 + 1] - t0
-                tm = None if ctx.token_mask is None else ctx.token_mask[t0:t1]
-                accumulate_taylor_scores_(scores, xc, d_gate, d_up, h, dyc, w_gate, w_up, w_down,
-                                          seg_c, tm, backend=ctx.backend)
-            del gc, uc, h, d_gate, d_up
+                    if (t0, t1) == (0, T):
+                        seg_c = seg
+                    else:
+                        seg_c = seg[s0:s1 + 1] - t0
+                    tm = None if ctx.token_mask is None else ctx.token_mask[t0:t1]
+                    accumulate_taylor_scores_(scores, xc, d_gate, d_up, h, dyc, w_gate, w_up, w_down,
+                                              seg_c, tm, backend=ctx.backend)
+            del gc, uc, h, d_gate, d_up, dh
         dx = dx.reshape(ctx.shape).to(x2.dtype)
-        return (dx,) + (None,) * 17
+        return (dx,) + (None,) * 18
+
+
+def _inside_segments(seg: torch.Tensor, T: int, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """bool [T]: tokens inside some segment [seg[i], seg[i+1]) (and kept by token_mask), for offsets
+    in any order. A token is counted once even if segments overlap: the activation score is per token."""
+    seg = seg.to(torch.int64).clamp(0, T)
+    starts, ends = seg[:-1], seg[1:]
+    nonempty = (ends > starts).to(torch.int64)
+    edges = torch.zeros(T + 1, dtype=torch.int64, device=seg.device)
+    edges.index_add_(0, starts, nonempty).index_add_(0, ends, -nonempty)
+    inside = edges.cumsum(0)[:T] > 0
+    return inside if token_mask is None else inside & token_mask
 
 
 def _segments(x: torch.Tensor, seg_offsets: Optional[torch.Tensor]):
@@ -358,6 +393,7 @@ def _segments(x: torch.Tensor, seg_offsets: Optional[torch.Tensor]):
 
 
 SAVE_MODES = ("auto", "activations", "input")
+IMPORTANCE_KINDS = ("weight", "activation")
 
 
 def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
@@ -365,15 +401,23 @@ def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
                               channel_mask: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
                               backend: str = "auto",
                               accumulate_if: Optional[Callable[[], bool]] = None,
-                              save: str = "auto", backward_chunk: Optional[int] = None) -> torch.Tensor:
+                              save: str = "auto", backward_chunk: Optional[int] = None,
+                              importance: str = "weight") -> torch.Tensor:
     """``down(act(gate(x)) * up(x) [* channel_mask])`` with a backward that accumulates importance.
 
     x: [..., d] (a [B, L, d] input makes each batch row one sample). gate, up: nn.Linear d -> I (or
     (weight, bias) pairs); down: nn.Linear I -> d. activation: "silu", "gelu" (exact), "gelu_tanh",
     "relu". scores: float32 [I] on the weights' device, updated in place by every backward (None:
     backward gives dX only). seg_offsets: int [S+1] sample boundaries over the flattened tokens
-    (default: batch rows). channel_mask: [I] bool/float multiplying H (pruned channels = 0).
+    (default: batch rows); tokens outside every sample are left out of the scores.
+    channel_mask: [I] bool/float multiplying H (pruned channels = 0).
     token_mask: bool [T] (flattened), False rows are excluded from the scores (padding).
+    importance: what backward adds into ``scores[c]`` (float32):
+      "weight" (SDMPrune): per sample s, sum_j |S_s[c, j]| / d with S_s the weight Taylor product of
+      channel c's rows of W_gate, W_up and column of W_down (``accumulate_taylor_scores_``);
+      "activation" (HFPrune): sum over tokens of |H[t, c] * dL/dH[t, c]| at the down_proj input
+      H = act(G) * U [* mask] (``accumulate_activation_scores_``; the abs is per token, so the
+      sample boundaries only decide which tokens count).
     accumulate_if: called when backward runs; a False answer skips the accumulation.
     save: "activations" keeps x and the gate/up outputs [T, I] for backward; "input" keeps x only and
     backward recomputes gate/up (two more matmuls, no [T, I] saved); "auto" is "input" inside a layer
@@ -390,6 +434,8 @@ def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
         raise ValueError(f"save must be one of {SAVE_MODES}, got {save!r}")
     if backward_chunk is not None and int(backward_chunk) < 1:
         raise ValueError(f"backward_chunk must be a positive number of tokens, got {backward_chunk}")
+    if importance not in IMPORTANCE_KINDS:
+        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {importance!r}")
     wb = []
     for name, lin in (("gate", gate), ("up", up), ("down", down)):
         w, b = (lin.weight, lin.bias) if hasattr(lin, "weight") else lin
@@ -423,9 +469,11 @@ def gated_mlp_with_importance(x: torch.Tensor, gate, up, down, activation: str,
     save_input_only = save == "input" or (save == "auto" and skipping)
     skip_compute = save_input_only and skipping and phase == "recompute"
     if backward_chunk is None:
-        # [chunk, I] temporaries of backward: dH/dA, act/H, dU (+ the recomputed gate/up outputs)
-        per_token = (5 if save_input_only else 3) * w_gate.shape[0] * x.element_size()
+        # [chunk, I] temporaries of backward: dH/dA, act/H, dU (+ the recomputed gate/up outputs,
+        # + dG apart from dH for the activation importance)
+        n_tmp = (5 if save_input_only else 3) + (importance == "activation" and scores is not None)
+        per_token = n_tmp * w_gate.shape[0] * x.element_size()
         backward_chunk = max(1, BACKWARD_CHUNK_BYTES // per_token)
     return _GatedMLPImportance.apply(x, w_gate, b_gate, w_up, b_up, w_down, b_down, mask, activation, scores,
                                      seg_offsets, seg_bounds, token_mask, backend, accumulate_if, save_input_only,
-                                     skip_compute, int(backward_chunk))
+                                     skip_compute, int(backward_chunk), importance)
