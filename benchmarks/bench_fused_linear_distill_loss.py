@@ -18,6 +18,8 @@ memory held before the call, inputs and weights excluded, the gradient of h_s in
 
     python -m pytest benchmarks/bench_fused_linear_distill_loss.py     # pytest-benchmark
     python benchmarks/bench_fused_linear_distill_loss.py [--out DIR]   # same, without pytest
+    python benchmarks/bench_fused_linear_distill_loss.py --shapes 8192x4096x128256 \
+        --impls sdmprune_triton,liger_chunked_jsd                       # the README's headline rows only
 Both write benchmarks/results/fused_linear_distill_loss.json (with device and versions) on a GPU
 and skip cleanly without one.
 """
@@ -217,7 +219,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
     ap.add_argument("--shapes", default="all", help="'all' or e.g. 1024x2048x128256,8192x4096x128256")
+    ap.add_argument("--impls", default="all", help=f"'all' or a comma-separated subset of {','.join(IMPLS)}")
     args = ap.parse_args(argv)
+    impls = IMPLS if args.impls == "all" else [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        ap.error(f"unknown --impls {unknown}; choose from {IMPLS}")
     if not torch.cuda.is_available():
         print("no CUDA GPU: benchmark skipped (nothing written)")
         return 0
@@ -225,9 +232,12 @@ def main(argv=None) -> int:
     rows = []
     for N, d, V in shapes:
         for name, (fn, note) in candidates().items():
+            if name not in impls:
+                continue
             row = run_one(name, fn, note, N, d, V)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(rows, args.out)  # after every row: a run cut short keeps what it measured
     print("wrote", write(rows, args.out))
     return 0
 

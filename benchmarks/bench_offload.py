@@ -1,4 +1,4 @@
-"""Layer streaming, sharding and data parallel through the pipeline (issue #10): Llama-3.1-8B shape,
+"""Layer streaming, sharding and data parallel through the pipeline: Llama-3.1-8B shape,
 random bf16 weights, 1024-token samples, ``prune_model`` (sdmprune, both stages, fused engine):
 
 * resident (the model on the GPU): samples/s and peak GPU memory (the compute-only baseline);
@@ -12,6 +12,7 @@ compared with the resident run's (IoU per layer; bf16, so near-ties may differ).
     python benchmarks/bench_offload.py                   # GPU; writes benchmarks/results/offload.json
     python benchmarks/bench_offload.py --out DIR         # DIR/offload.json (run_gpu.sh)
     python benchmarks/bench_offload.py --smoke           # CPU: tiny shape, torch engine, gloo; temp dir
+    python benchmarks/bench_offload.py --no-distributed  # resident and offload cpu only (the README's row)
 
 Without a GPU (and without --smoke) it prints a note, measures nothing and writes nothing.
 """
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shape, torch engine, gloo (checks the code)")
     p.add_argument("--out", default=None, help="results directory or .json file")
+    p.add_argument("--no-distributed", action="store_true", help="skip the data-parallel and FSDP runs")
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print("bench_offload: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",
@@ -132,36 +134,42 @@ def main(argv=None) -> int:
     report["runs"].append(row)
     del model
 
-    # data parallel and FSDP2, world size 1
-    import torch.distributed as tdist
+    path = out_path(args.out, args.smoke)
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    if device.type == "cuda":
-        tdist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    else:
-        tdist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        assert distributed.world_size() == 1
-        dp = prune_model(fresh(device.type), tokens, cfg)
-        row = summary("data parallel, world 1", dp, args.samples, device)
-        row["kept_iou_min"] = min(iou(dp.keep, ref.keep).values())
-        report["runs"].append(row)
-        fs = prune_model(fresh("cpu"), tokens, cfg, shard="fsdp")  # FSDP2 moves the shards to the GPU
-        row = summary("fsdp, world 1", fs, args.samples, device)
-        row["kept_iou_min"] = min(iou(fs.keep, ref.keep).values())
-        report["runs"].append(row)
-    finally:
-        tdist.destroy_process_group()
+    def save():
+        from sdmprune.paths import write_json_atomic
+
+        write_json_atomic(path, report)
+
     r = {x["run"]: x for x in report["runs"]}
     if not args.smoke:
         report["targets"] = {"offload_peak_le_6gib": r["offload cpu"]["peak_gib"] <= 6,
                              "offload_speed_ge_0.6x": r["offload cpu"]["speed_vs_resident"] >= 0.6}
-    path = out_path(args.out, args.smoke)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    save()  # the headline rows first: a run cut short in the distributed part keeps them
+
+    # data parallel and FSDP2, world size 1
+    if not args.no_distributed:
+        import torch.distributed as tdist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        if device.type == "cuda":
+            tdist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        else:
+            tdist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            assert distributed.world_size() == 1
+            dp = prune_model(fresh(device.type), tokens, cfg)
+            row = summary("data parallel, world 1", dp, args.samples, device)
+            row["kept_iou_min"] = min(iou(dp.keep, ref.keep).values())
+            report["runs"].append(row)
+            fs = prune_model(fresh("cpu"), tokens, cfg, shard="fsdp")  # FSDP2 moves the shards to the GPU
+            row = summary("fsdp, world 1", fs, args.samples, device)
+            row["kept_iou_min"] = min(iou(fs.keep, ref.keep).values())
+            report["runs"].append(row)
+        finally:
+            tdist.destroy_process_group()
+        save()
     print(json.dumps(report["runs"], indent=1))
     print(f"wrote {path}" + (" (CPU smoke: no GPU numbers)" if args.smoke else ""), file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Scale benchmark of the two-stage prune (issue #7): Llama-3.2-1B and Llama-3.1-8B shapes with
+"""Scale benchmark of the two-stage prune: Llama-3.2-1B and Llama-3.1-8B shapes with
 random bf16 weights built directly on the GPU (meta init -> to_empty -> random init; no download,
 no CPU copy), the reference and fused engines of sdmprune.pipeline, one subprocess per run so
 each peak is clean. Writes per-stage s/sample, tokens/s and peak memory (measured, beside
@@ -9,6 +9,8 @@ per-layer IoU of the kept channels of fused vs reference on the same samples.
     python benchmarks/bench_pipeline.py --runs 8b:fused:mem=16GiB,8b:reference
     python benchmarks/bench_pipeline.py --max-memory 16GiB    # every run's batch from predict_peak_memory
     python benchmarks/bench_pipeline.py --smoke               # CPU: tiny shape, torch engine, 2 samples
+    python benchmarks/bench_pipeline.py --merge a.json b.json --out benchmarks/results/pipeline.json
+                                          # one results file from runs measured in separate commands
 
 A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES]: N samples per
 backward pass, gradient checkpointing off, the fused loss's token chunk, the checkpointed layer
@@ -79,7 +81,8 @@ def build_random_model(config, device, dtype, seed=0):
 def worker(args) -> dict:
     from sdmprune.errors import InputError
     from sdmprune.memory import BUILTIN_SHAPES, GiB, predict_peak_memory
-    from sdmprune.pipeline import PruneConfig, batch_size_for_memory, memory_settings, prune_model
+    from sdmprune.memory import batch_size_for_memory, memory_settings
+    from sdmprune.pipeline import PruneConfig, prune_model
 
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -258,10 +261,9 @@ def iou(a: dict, b: dict) -> dict:
 
 
 def write_results(report: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    from sdmprune.paths import atomic_write_file, write_json_atomic
+
+    write_json_atomic(path, report)
     rows = ["| run | batch | ckpt | stage 1 s/sample | stage 2 s/sample | tokens/s (both stages) | "
             "peak GiB (measured) | peak GiB (predicted) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -282,8 +284,28 @@ def write_results(report: dict, path: str) -> None:
         vals = list(report["iou_1b"].values())
         md += ["", f"1B fused vs reference kept-channel IoU per layer: min {min(vals):.4f}, "
                f"mean {sum(vals) / len(vals):.4f}"]
-    with open(os.path.splitext(path)[0] + ".md", "w") as fh:
-        fh.write("\n".join(md) + "\n")
+    with atomic_write_file(os.path.splitext(path)[0] + ".md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+
+
+def merge_reports(paths) -> dict:
+    """One report from several (e.g. the 1B and the 8B runs, measured by separate device commands):
+    the runs in the order given, a spec already present dropped (the first measurement stands), the
+    header fields and the 1B IoU from the first file that has them."""
+    merged, seen = None, set()
+    for path in paths:
+        with open(path) as fh:
+            rep = json.load(fh)
+        if merged is None:
+            merged = dict(rep, runs=[])
+            merged.pop("iou_1b", None)
+        for r in rep.get("runs", []):
+            if r.get("spec") not in seen:
+                seen.add(r.get("spec"))
+                merged["runs"].append(r)
+        if rep.get("iou_1b") and "iou_1b" not in merged:
+            merged["iou_1b"] = rep["iou_1b"]
+    return merged
 
 
 def main(argv=None) -> int:
@@ -296,6 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-memory", default=None, help="per-GPU budget: the batch size comes from predict_peak_memory")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shape, torch engine, 2 samples")
     p.add_argument("--out", default=None, help="results directory (or .json file); default benchmarks/results")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="write the runs of these results files as one (to --out); measures nothing")
     p.add_argument("--no-checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--loss-chunk", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--offload-activations", action="store_true", help=argparse.SUPPRESS)
@@ -306,6 +330,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
+        return 0
+    if args.merge:
+        out = out_path(args.out, False)
+        write_results(merge_reports(args.merge), out)
+        print(f"wrote {out}", file=sys.stderr)
         return 0
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2

@@ -16,6 +16,7 @@ and 4*I importance bytes for fused), plus the peak memory above the inputs durin
 Script mode writes ``<out>/taylor_importance.json`` (device, versions, rows); pytest-benchmark mode::
 
     python benchmarks/bench_taylor_importance.py --out benchmarks/results
+    python benchmarks/bench_taylor_importance.py --shapes 4096x14336 --tokens 4096   # the README's row only
     python -m pytest benchmarks/bench_taylor_importance.py --benchmark-only
 """
 from __future__ import annotations
@@ -183,23 +184,32 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--quick", action="store_true", help="only the first shape and T")
+    p.add_argument("--shapes", default=None, help="d x I shapes, e.g. 4096x14336 (default: all)")
+    p.add_argument("--tokens", default=None, help="token counts, e.g. 4096 (default: all)")
     args = p.parse_args(argv)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    tokens = TOKENS[:1] if args.quick else TOKENS
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.split(",")]
     if not torch.cuda.is_available():
         print("bench_taylor_importance: needs a CUDA GPU; nothing measured", file=sys.stderr)
         return 0
     rows = []
-    for d, I in SHAPES[:1] if args.quick else SHAPES:
-        for T in TOKENS[:1] if args.quick else TOKENS:
-            row = measure(d, I, T)
-            print(json.dumps(row))
-            rows.append(row)
-    result = {"benchmark": "taylor_importance", **environment(),
-              "targets": f"fused <= {TARGET_VS_PLAIN}x plain; naive >= {TARGET_VS_NAIVE}x fused; "
-                         "fused holds 0 weight-grad bytes and 4*I importance bytes",
-              "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "taylor_importance.json").write_text(json.dumps(result, indent=2) + "\n")
+    for d, I in shapes:
+        for T in tokens:
+            row = measure(d, I, T)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            result = {"benchmark": "taylor_importance", **environment(),
+                      "targets": f"fused <= {TARGET_VS_PLAIN}x plain; naive >= {TARGET_VS_NAIVE}x fused; "
+                                 "fused holds 0 weight-grad bytes and 4*I importance bytes",
+                      "rows": rows}
+            # after every row: a run cut short keeps what it measured
+            (out / "taylor_importance.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'taylor_importance.json'}")
     return 0
 

@@ -1,6 +1,6 @@
 """Fused LM-head self-distillation loss: CE + KL(teacher || student) without an N x V tensor.
 
-Math (DESIGN section 1), for student hidden states h_s [N, d], teacher hidden states h_t [N, d],
+Math (SDMPrune's loss), for student hidden states h_s [N, d], teacher hidden states h_t [N, d],
 LM heads W [V, d] (student) and W_t [V, d] (teacher; defaults to W):
 
     z_s = h_s W^T,  z_t = h_t W_t^T                       (float32 logits, never all N rows at once)
@@ -502,21 +502,24 @@ if triton is not None:
                               mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
 
     def _tiled_configs():
-        """A short list: every config costs a compile (seconds) per flag set on first use. The
-        full grid (bn 64/128 x bv 64/128/256 x bd 64/128 x warps 4/8 x stages 3/4) is taken with
-        SDMPRUNE_TILED_AUTOTUNE=full."""
+        """A short list: every config costs a compile (about a second) per flag set on first use;
+        SDMPRUNE_TILED_AUTOTUNE=full adds four more. Only tiles that compile for sm_90 without
+        register spills for every flag set (teacher or not, shared or separate W, dW or not): the two
+        float32 [BLOCK_N, BLOCK_V] logit tiles leave little room. Every tile of the previous lists
+        (BLOCK_D 64 / 128, 128 x 128, 64 x 256, some with 4 warps) spilled 156 B - 4.6 KB per thread;
+        128 x 128 still spills at BLOCK_D 16 / 32, 64 x 64 at BLOCK_D 64, and 4 warps beyond
+        64 x 64 x 16 / 32 x 64 x 32 (tests/test_fused_linear_distill_loss.py checks the lists with
+        ptxas). One num_stages per tile: Triton 3.9 builds the same sm_90 binary for 2, 3 or 4 stages
+        of these loops."""
+        grid = [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 128, 16, 8, 3)]
         if os.environ.get("SDMPRUNE_TILED_AUTOTUNE", "") == "full":
-            grid = [(bn, bv, bd, w, s) for bn in (64, 128) for bv in (64, 128, 256) for bd in (64, 128)
-                    for w in (4, 8) for s in (3, 4)]
-        else:
-            grid = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
-                    (128, 64, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)]
+            grid += [(128, 64, 16, 8, 3), (64, 64, 16, 8, 3), (64, 64, 16, 4, 3), (32, 64, 32, 4, 3)]
         return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
                 for bn, bv, bd, w, s in grid]
 
     def _prune_tiled(configs, named_args, **kwargs):
         """Drop configs that cannot fit: two float32 [BLOCK_N, BLOCK_V] accumulators (student +
-        teacher) beyond 128 x 128 spill registers; pipelined bf16 operand tiles beyond ~200 KB of
+        teacher) spill registers at 128 x 128 and beyond (the lists keep smaller tiles); pipelined bf16 operand tiles beyond ~200 KB of
         shared memory do not launch on H100 (228 KB per SM)."""
         has_t = bool(kwargs.get("HAS_TEACHER", True))
         n_w = 1 if kwargs.get("SHARED_W", True) else 2

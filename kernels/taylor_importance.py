@@ -9,15 +9,20 @@ the element score is ``S_s[c, j] = G_up*W_up + G_gate*W_gate + G_down^T*W_down^T
 score gains ``sum_j |S_s[c, j]| / d``. The abs is per segment, never of the batch sum.
 
 Triton kernel: one program per (I block, d block, segment). It reduces the three products over the
-segment's tokens into fp32 register tiles (``tl.dot``), multiplies them by the weight tiles, takes
-the abs, reduces over j and stores the [BLOCK_I] partial sum of its (segment, d block); one float32
-sum over those partials in a fixed order adds them into ``scores``. No [I, d] tensor is ever written. Two variants, chosen by the GPU autotuner: one pass with three fp32
-accumulators (small tiles), or SPLIT_ACC: three passes over the segment with one accumulator each,
-folded into a running element score (two register tiles, so 128 x 128 tiles fit). The SPLIT_ACC
-configs join the autotuner only with SDMPRUNE_TAYLOR_SPLIT_ACC=1: they were written after the last
-GPU session, are tested under the interpreter and compiled for sm_90, and are still to be run and
-timed on a GPU (tests/test_taylor_importance.py::test_kernel_variants_gpu forces them there). The
-PyTorch path computes the same in chunks of channels (bounded memory) and is the CPU path.
+segment's tokens into three fp32 register tiles (``tl.dot``), multiplies them by the weight tiles,
+takes the abs, reduces over j and stores the [BLOCK_I] partial sum of its (segment, d block); one
+float32 sum over those partials in a fixed order adds them into ``scores``. No [I, d] tensor is ever
+written. The PyTorch path computes the same in chunks of channels (bounded memory) and is the CPU path.
+
+Autotuning (GPU): two short tile lists, one for bf16/fp16 inputs (tensor-core dots) and one for
+float32 inputs (IEEE dots, no TF32: more registers per product, so smaller tiles). Three fp32
+accumulators leave little room. Compiled for sm_90 (Triton 3.9, ptxas 13.0), every tile of the
+earlier, larger list hit 255 registers and spilled in bf16 with a token mask: from 16 B per thread
+(128 x 64 x 32) to 2.9 KB (64 x 256 x 32). Its float32 variants spilled 112 B - 36 KB and took
+4-15 s each to compile. Every listed tile compiles without spills; tests/test_taylor_importance.py
+checks this with ptxas, no GPU needed. A three-pass variant held one accumulator at a time, which
+allowed larger tiles but read x twice. It was dropped: all its tiles spilled too (1.2-7 KB per
+thread).
 
 Determinism: no atomics. The partials ([segments, d blocks, I] float32, at most PARTIAL_BYTES per
 launch) are reduced by one torch sum, so the same inputs give the same scores, bit for bit, on every
@@ -25,36 +30,23 @@ run (for a given autotuned tile, which fixes the d blocks).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from .utils import interpreter_enabled, triton_available, use_triton
 
+# GPU autotune tiles, (BLOCK_I, BLOCK_D, BLOCK_T, num_warps, num_stages). Each compiles for sm_90
+# without register spills, with and without a token mask, below 230 registers so that another ptxas
+# version has room (ptxas -v: 128-223 for the half list, 110-147 for the float32 one; 16-56 KB of
+# shared memory). One num_stages per tile: Triton 3.9 builds the same sm_90 binary for 2, 3 or 4.
+HALF_TILES = ((64, 64, 32, 8, 3), (64, 128, 16, 8, 3), (32, 128, 64, 8, 3), (32, 128, 32, 8, 3),
+              (64, 64, 16, 8, 3))
+FP32_TILES = ((64, 64, 16, 8, 3), (32, 64, 32, 8, 3), (64, 32, 16, 8, 3))
+
 if triton_available():
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def _segment_product(a_ptr, s_at, s_ai, b_ptr, s_bt, s_bd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
-                         start, end, HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                         BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-        """fp32 [BLOCK_I, BLOCK_D] tile of A[start:end, offs_i]^T @ B[start:end, offs_d] (A: [T, I], B: [T, d])."""
-        acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # int64: T * I can pass 2**31
-            mask_t = offs_t < end
-            if HAS_KEEP:
-                mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
-            aT = tl.load(a_ptr + offs_t[None, :] * s_at + offs_i[:, None] * s_ai,
-                         mask=mask_i[:, None] & mask_t[None, :], other=0.0)
-            b = tl.load(b_ptr + offs_t[:, None] * s_bt + offs_d[None, :] * s_bd,
-                        mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-            if UPCAST:
-                aT, b = aT.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(aT, b, acc, input_precision=PRECISION)
-        return acc
 
     @triton.jit
     def _taylor_scores_kernel(
@@ -65,7 +57,7 @@ if triton_available():
         s_xt, s_xd, s_gt, s_gi, s_ut, s_ui, s_ht, s_hi, s_yt, s_yd,
         s_wgi, s_wgd, s_wui, s_wud, s_wdd, s_wdi,
         HAS_KEEP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_ACC: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         pid_i = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -79,84 +71,53 @@ if triton_available():
         mask_d = offs_d < D
 
         m_id = mask_i[:, None] & mask_d[None, :]
-        if SPLIT_ACC:
-            # three passes over the segment, one fp32 accumulator each, folded into the element
-            # score as soon as it is complete: two [BLOCK_I, BLOCK_D] register tiles live instead of
-            # three, so larger tiles fit (x is read twice)
-            wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
-            s = _segment_product(dg_ptr, s_gt, s_gi, x_ptr, s_xt, s_xd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
-                                 start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wg.to(tl.float32)
-            wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
-            s += _segment_product(du_ptr, s_ut, s_ui, x_ptr, s_xt, s_xd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
-                                  start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wu.to(tl.float32)
-            wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
-            s += _segment_product(h_ptr, s_ht, s_hi, dy_ptr, s_yt, s_yd, keep_ptr, offs_i, offs_d, mask_i, mask_d,
-                                  start, end, HAS_KEEP, PRECISION, UPCAST, BLOCK_I, BLOCK_D, BLOCK_T) * wdT.to(tl.float32)
-        else:
-            acc_g = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-            acc_h = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-            for t0 in range(start, end, BLOCK_T):
-                # int64 token offsets: T * I can pass 2**31 elements for long batches
-                offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-                mask_t = offs_t < end
-                if HAS_KEEP:
-                    # a dropped token (padding) contributes nothing: zero its rows of the left operands
-                    mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
-                # left operands loaded transposed, [BLOCK_I, BLOCK_T]
-                m_it = mask_i[:, None] & mask_t[None, :]
-                dgT = tl.load(dg_ptr + offs_t[None, :] * s_gt + offs_i[:, None] * s_gi, mask=m_it, other=0.0)
-                duT = tl.load(du_ptr + offs_t[None, :] * s_ut + offs_i[:, None] * s_ui, mask=m_it, other=0.0)
-                hT = tl.load(h_ptr + offs_t[None, :] * s_ht + offs_i[:, None] * s_hi, mask=m_it, other=0.0)
-                m_td = mask_t[:, None] & mask_d[None, :]
-                xs = tl.load(x_ptr + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd, mask=m_td, other=0.0)
-                dys = tl.load(dy_ptr + offs_t[:, None] * s_yt + offs_d[None, :] * s_yd, mask=m_td, other=0.0)
-                if UPCAST:
-                    # the Triton interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 copies
-                    # of bf16 values give the same products (exact in fp32) and the same fp32 accumulation
-                    dgT, duT, hT = dgT.to(tl.float32), duT.to(tl.float32), hT.to(tl.float32)
-                    xs, dys = xs.to(tl.float32), dys.to(tl.float32)
-                acc_g = tl.dot(dgT, xs, acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(duT, xs, acc_u, input_precision=PRECISION)
-                acc_h = tl.dot(hT, dys, acc_h, input_precision=PRECISION)
-            wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
-            wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
-            # W_down is [d, I]; read its transpose tile [BLOCK_I, BLOCK_D]
-            wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
-            s = acc_g * wg.to(tl.float32) + acc_u * wu.to(tl.float32) + acc_h * wdT.to(tl.float32)
+        acc_g = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+        acc_h = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            # int64 token offsets: T * I can pass 2**31 elements for long batches
+            offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            mask_t = offs_t < end
+            if HAS_KEEP:
+                # a dropped token (padding) contributes nothing: zero its rows of the left operands
+                mask_t = mask_t & (tl.load(keep_ptr + offs_t, mask=mask_t, other=0) != 0)
+            # left operands loaded transposed, [BLOCK_I, BLOCK_T]
+            m_it = mask_i[:, None] & mask_t[None, :]
+            dgT = tl.load(dg_ptr + offs_t[None, :] * s_gt + offs_i[:, None] * s_gi, mask=m_it, other=0.0)
+            duT = tl.load(du_ptr + offs_t[None, :] * s_ut + offs_i[:, None] * s_ui, mask=m_it, other=0.0)
+            hT = tl.load(h_ptr + offs_t[None, :] * s_ht + offs_i[:, None] * s_hi, mask=m_it, other=0.0)
+            m_td = mask_t[:, None] & mask_d[None, :]
+            xs = tl.load(x_ptr + offs_t[:, None] * s_xt + offs_d[None, :] * s_xd, mask=m_td, other=0.0)
+            dys = tl.load(dy_ptr + offs_t[:, None] * s_yt + offs_d[None, :] * s_yd, mask=m_td, other=0.0)
+            if UPCAST:
+                # the Triton interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 copies
+                # of bf16 values give the same products (exact in fp32) and the same fp32 accumulation
+                dgT, duT, hT = dgT.to(tl.float32), duT.to(tl.float32), hT.to(tl.float32)
+                xs, dys = xs.to(tl.float32), dys.to(tl.float32)
+            acc_g = tl.dot(dgT, xs, acc_g, input_precision=PRECISION)
+            acc_u = tl.dot(duT, xs, acc_u, input_precision=PRECISION)
+            acc_h = tl.dot(hT, dys, acc_h, input_precision=PRECISION)
+        wg = tl.load(wg_ptr + offs_i[:, None] * s_wgi + offs_d[None, :] * s_wgd, mask=m_id, other=0.0)
+        wu = tl.load(wu_ptr + offs_i[:, None] * s_wui + offs_d[None, :] * s_wud, mask=m_id, other=0.0)
+        # W_down is [d, I]; read its transpose tile [BLOCK_I, BLOCK_D]
+        wdT = tl.load(wd_ptr + offs_d[None, :] * s_wdd + offs_i[:, None] * s_wdi, mask=m_id, other=0.0)
+        s = acc_g * wg.to(tl.float32) + acc_u * wu.to(tl.float32) + acc_h * wdT.to(tl.float32)
         part = tl.sum(tl.abs(s), axis=1) * inv_d
         # one [BLOCK_I] partial per (segment, d block), summed afterwards in a fixed order: no atomics,
         # so the scores are the same bits on every run
         row = (pid_s * tl.num_programs(1) + pid_d).to(tl.int64)
         tl.store(part_ptr + row * I + offs_i, part, mask=mask_i)
 
-    def _gpu_configs():
-        """One-pass configs (three accumulators, so tiles stay small) and SPLIT_ACC configs (two
-        register tiles: 128 x 128 fits); the autotuner keeps whichever is faster for the shape."""
-        out = []
-        for bi, bd, bt, warps, stages in (
-            (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 4),
-            (128, 128, 32, 8, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (32, 128, 64, 4, 3),
-            (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),  # BLOCK_T 128 pipelined needs > 227 KB of shared memory
-        ):
-            out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt, "SPLIT_ACC": False},
-                                     num_warps=warps, num_stages=stages))
-        if os.environ.get("SDMPRUNE_TAYLOR_SPLIT_ACC", "0") != "1":
-            return out  # SPLIT_ACC is opt-in until it has been checked and timed on a GPU
-        for bi, bd, bt, warps, stages in ((128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 32, 8, 3),
-                                          (64, 256, 64, 8, 3)):
-            out.append(triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt, "SPLIT_ACC": True},
-                                     num_warps=warps, num_stages=stages))
-        return out
+    def _gpu_configs(tiles):
+        return [triton.Config({"BLOCK_I": bi, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=warps, num_stages=stages)
+                for bi, bd, bt, warps, stages in tiles]
 
     # Autotuning re-runs the kernel: harmless, every run overwrites the partials it reads back. The
     # choice is cached on disk (Triton's cache dir): later processes on the machine, a resumed prune
     # among them, use the same tile and so the same summation order.
-    _taylor_scores_kernel_tuned = triton.autotune(
-        configs=_gpu_configs(), key=["I", "D", "PRECISION", "UPCAST"], cache_results=True,
-    )(_taylor_scores_kernel)
-    # the partial buffer is sized for the most d blocks any tuned config can use
-    _TUNED_MIN_BLOCK_D = min(c.kwargs["BLOCK_D"] for c in _taylor_scores_kernel_tuned.configs)
+    _TUNED = {kind: triton.autotune(configs=_gpu_configs(tiles), key=["I", "D", "PRECISION", "UPCAST"],
+                                    cache_results=True)(_taylor_scores_kernel)
+              for kind, tiles in (("half", HALF_TILES), ("fp32", FP32_TILES))}
 
 # Fixed small tiles under the interpreter (each program is simulated in numpy).
 _INTERPRETER_BLOCKS = dict(BLOCK_I=32, BLOCK_D=32, BLOCK_T=16)
@@ -218,11 +179,12 @@ def taylor_scores_torch_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, s
 
 
 def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, seg_offsets, token_mask=None,
-                          split_acc: Optional[bool] = None):
+                          tile: Optional[tuple] = None):
     """Triton path of ``accumulate_taylor_scores_`` (CUDA tensors, or CPU under TRITON_INTERPRET=1).
 
-    split_acc: None picks the kernel variant by autotuning on the GPU (one-pass under the
-    interpreter); True/False forces the three-pass / one-pass variant at a fixed tile (tests)."""
+    tile: None autotunes over HALF_TILES / FP32_TILES on the GPU (fixed small tiles under the
+    interpreter); a (BLOCK_I, BLOCK_D, BLOCK_T, num_warps, num_stages) tuple runs that tile instead
+    (the GPU tests run every autotuned tile)."""
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package")
     T, D = x.shape
@@ -239,16 +201,19 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
     upcast = not on_gpu and dt in (torch.bfloat16, torch.float16)
     precision = "ieee" if (dt == torch.float32 or upcast) else "tf32"  # fp32 models: no TF32 rounding
     flags = dict(HAS_KEEP=token_mask is not None, PRECISION=precision, UPCAST=upcast)
-    if on_gpu and split_acc is None:
-        kernel, blocks = _taylor_scores_kernel_tuned, {}
-        min_block_d = _TUNED_MIN_BLOCK_D
+    tuned = on_gpu and tile is None
+    if tuned:
+        kind = "fp32" if dt == torch.float32 else "half"
+        kernel, blocks = _TUNED[kind], {}
+        # the partial buffer is sized for the most d blocks any tile of the list can use
+        min_block_d = min(t[1] for t in (FP32_TILES if kind == "fp32" else HALF_TILES))
     else:
         kernel = _taylor_scores_kernel
-        if on_gpu:
-            blocks = dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32) if split_acc else dict(BLOCK_I=64, BLOCK_D=128, BLOCK_T=32)
-            blocks.update(SPLIT_ACC=bool(split_acc), num_warps=8, num_stages=3)
+        if tile is not None:
+            bi, bd, bt, warps, stages = tile
+            blocks = dict(BLOCK_I=bi, BLOCK_D=bd, BLOCK_T=bt, num_warps=warps, num_stages=stages)
         else:
-            blocks = dict(_INTERPRETER_BLOCKS, SPLIT_ACC=bool(split_acc), num_warps=4)
+            blocks = dict(_INTERPRETER_BLOCKS, num_warps=4)
         min_block_d = blocks["BLOCK_D"]
     # partial sums [segments, d blocks, I] in float32, a bounded number of segments per launch
     rows_per_segment = triton.cdiv(D, min_block_d)
@@ -272,7 +237,7 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
                 kernel[grid](*args, **flags, **blocks)
         else:
             kernel[grid](*args, **flags, **blocks)
-        block_d = kernel.best_config.kwargs["BLOCK_D"] if kernel is _taylor_scores_kernel_tuned else min_block_d
+        block_d = kernel.best_config.kwargs["BLOCK_D"] if tuned else min_block_d
         n_rows = n_seg * triton.cdiv(D, block_d)
         # a fixed-order float32 sum over (segment, d block): deterministic
         scores.add_(part[:n_rows * I].view(n_rows, I).sum(dim=0))

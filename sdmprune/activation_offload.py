@@ -19,17 +19,29 @@ layers run and brings each back just before its recompute:
   needs first, is sent back as soon as the decoder body's forward returns (a forward hook), so its
   copy overlaps the loss and its backward instead of stalling the first recompute.
 
+Host buffers are reused: pinning memory is slow (cudaHostAlloc, and torch's pinned-memory cache
+rounds every block up to a power of two), so the offload keeps a pool of exact-size host buffers
+(``HostBufferPool``). A layer input's buffer goes back to the pool when its saved handle dies, i.e.
+when the graph that held it is freed after backward, so the next forward writes the same buffers.
+The copies into and out of a buffer all run on the one copy stream of its device, so a reused
+buffer is never written before the copy back of its previous contents has read it. The pool keeps
+at most as many idle bytes as were ever in use at once (least recently returned dropped first) and
+frees everything when the context exits.
+
 Tensors under ``min_bytes`` (and non-CUDA tensors, except in the CPU test mode below) stay where
 they are. The hooks wrap each layer's ``_gradient_checkpointing_func`` (what transformers calls in
 every ``GradientCheckpointingLayer``), so they need checkpointing already on, and they are removed
-on exit. On the CPU the "host" copy is a separate CPU tensor and there are no streams: the packing,
-prefetch order and release are the same, which is what the CPU tests check.
+on exit. On the CPU the "host" copy is a separate CPU tensor (from the same pool, not pinned) and
+there are no streams: the packing, prefetch order, buffer reuse and release are the same, which is
+what the CPU tests check.
 """
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,19 +53,104 @@ from .models import get_adapter
 DEFAULT_MIN_BYTES = 1 << 20
 
 
+class HostBufferPool:
+    """Host buffers (flat uint8, pinned when ``pin``) reused by size.
+
+    ``take(nbytes, device)`` hands out an idle buffer of exactly ``nbytes`` that was last used for
+    ``device`` (its copies ran on that device's copy stream, which orders the reuse), else a new one,
+    and says which (``(buffer, reused)``).
+    ``give`` returns it. Idle bytes are kept at or under the most bytes ever in use at once (one
+    forward's layer inputs in a training loop), dropping the least recently returned first, so
+    batches of changing shapes cannot grow the pool without bound. ``close`` drops every idle
+    buffer, and buffers given back afterwards are dropped too. Thread-safe: buffers come back from
+    the autograd engine's threads, when a graph's saved tensors are freed."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._idle: "OrderedDict[Tuple[int, str], List[torch.Tensor]]" = OrderedDict()  # LRU order of keys
+        self._lock = threading.Lock()
+        self._closed = False
+        self.in_use_bytes = 0
+        self.idle_bytes = 0
+        self.peak_in_use_bytes = 0
+        self.allocated = 0  # buffers created
+        self.reused = 0  # takes served from idle buffers
+
+    def take(self, nbytes: int, device: torch.device) -> Tuple[torch.Tensor, bool]:
+        key = (int(nbytes), str(device))
+        with self._lock:
+            bufs = self._idle.get(key)
+            buf = bufs.pop() if bufs else None
+            if bufs is not None and not bufs:
+                del self._idle[key]
+            if buf is not None:
+                self.idle_bytes -= nbytes
+                self.reused += 1
+            else:
+                self.allocated += 1
+            self.in_use_bytes += nbytes
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+        if buf is not None:
+            return buf, True
+        # allocated outside the lock: pinning can take milliseconds per MiB
+        return torch.empty(int(nbytes), dtype=torch.uint8, device="cpu", pin_memory=self.pin), False
+
+    def give(self, buf: torch.Tensor, device: torch.device) -> None:
+        nbytes = buf.numel()
+        key = (int(nbytes), str(device))
+        with self._lock:
+            self.in_use_bytes -= nbytes
+            if self._closed:
+                return
+            self._idle.setdefault(key, []).append(buf)
+            self._idle.move_to_end(key)
+            self.idle_bytes += nbytes
+            while self.idle_bytes > self.peak_in_use_bytes and self._idle:
+                old_key, old = next(iter(self._idle.items()))
+                old.pop(0)
+                self.idle_bytes -= old_key[0]
+                if not old:
+                    del self._idle[old_key]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._idle.clear()
+            self.idle_bytes = 0
+
+
+def _as_view(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``buf`` (flat uint8 of the same byte size) seen as a contiguous tensor of ``like``'s dtype and shape."""
+    return buf.view(like.dtype).view(like.shape)
+
+
 class _Offloaded:
-    """One packed layer input: the host copy, and the device copy while it is fetched back."""
+    """One packed layer input: the host copy, and the device copy while it is fetched back. The host
+    buffer goes back to its pool when the handle dies (the graph holding it was freed), not at unpack:
+    a graph kept for a second backward unpacks its inputs again."""
 
-    __slots__ = ("host", "device", "device_tensor", "ready", "prev", "__weakref__")
+    __slots__ = ("host", "buffer", "pool", "device", "device_tensor", "ready", "prev", "__weakref__")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, prev: Optional["weakref.ref"]):
+    def __init__(self, host: torch.Tensor, buffer: torch.Tensor, pool: Optional[HostBufferPool],
+                 device: torch.device, prev: Optional["weakref.ref"]):
         self.host = host
+        self.buffer = buffer  # the pool's flat buffer under ``host``
+        self.pool = pool
         self.device = device
         self.device_tensor: Optional[torch.Tensor] = None  # set by a fetch, handed over by unpack
         self.ready = None  # CUDA event: the copy back has finished
         # the input packed just before this one (layer i-1 of the same forward): prefetched when this one
         # is unpacked, since backward visits the layers in reverse
         self.prev = prev
+
+    def __del__(self):
+        pool = self.pool
+        if pool is not None:
+            self.pool = None
+            try:
+                pool.give(self.buffer, self.device)
+            except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to reuse it
+                pass
 
 
 class CheckpointInputOffload:
@@ -62,16 +159,41 @@ class CheckpointInputOffload:
     Use ``offload_checkpoint_inputs(model)`` on a model; the object itself only needs ``hooks()``
     around a checkpoint call. ``stats``: tensors offloaded, bytes offloaded, fetches, fetches that
     were prefetched, fetches that had to wait for a copy started on demand (one per backward pass:
-    the last layer's input).
+    the last layer's input), host buffers allocated and reused (``HostBufferPool``). ``close()``
+    frees the pool (``offload_checkpoint_inputs`` calls it on exit).
     """
 
     def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True, cpu_copies: bool = False):
         self.min_bytes = int(min_bytes)
         self.prefetch_enabled = prefetch
         self.cpu_copies = cpu_copies  # CPU tensors are "offloaded" too (test mode: a separate CPU copy)
-        self.stats = {"offloaded": 0, "bytes_offloaded": 0, "fetched": 0, "prefetched": 0, "fetched_on_demand": 0}
+        self.stats = {"offloaded": 0, "bytes_offloaded": 0, "fetched": 0, "prefetched": 0, "fetched_on_demand": 0,
+                      "host_buffers_allocated": 0, "host_buffers_reused": 0}
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._last: Optional[weakref.ref] = None  # weak: a finished pass's inputs are freed with its graph
+        # one pool per kind of host memory: pinned for CUDA inputs, plain for the CPU test mode
+        self.pools: Dict[bool, HostBufferPool] = {}
+
+    def _pool(self, pin: bool) -> HostBufferPool:
+        if pin not in self.pools:
+            self.pools[pin] = HostBufferPool(pin=pin)
+        return self.pools[pin]
+
+    def close(self) -> None:
+        """Free the idle host buffers (and those still held by live graphs once those are freed); the
+        pinned ones go back to the OS, not only to torch's pinned-memory cache."""
+        for stream in self._streams.values():
+            stream.synchronize()  # no copy may still be reading or writing a buffer being freed
+        pinned = False
+        for pin, pool in self.pools.items():
+            pool.close()
+            pinned |= pin and pool.allocated > 0
+        if pinned:
+            empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            if empty is None:
+                empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
 
     # ---------------------------------------------------------------- streams
     def _copy_stream(self, device: torch.device):
@@ -89,16 +211,21 @@ class CheckpointInputOffload:
         if not self._wants(t):
             return t
         t = t.detach()
+        nbytes = t.numel() * t.element_size()
+        pool = self._pool(pin=t.is_cuda)
+        buf, reused = pool.take(nbytes, t.device)
+        self.stats["host_buffers_reused" if reused else "host_buffers_allocated"] += 1
+        host = _as_view(buf, t)
         if t.is_cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
             stream = self._copy_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written on the compute stream
             with torch.cuda.stream(stream):
+                # a reused buffer: the copy back of its previous contents ran earlier on this same stream
                 host.copy_(t, non_blocking=True)
             t.record_stream(stream)  # the device block is not reused until the copy has read it
         else:
-            host = t.clone()
-        handle = _Offloaded(host, t.device, self._last)
+            host.copy_(t)
+        handle = _Offloaded(host, buf, pool, t.device, self._last)
         self._last = weakref.ref(handle)
         self.stats["offloaded"] += 1
         self.stats["bytes_offloaded"] += t.numel() * t.element_size()
@@ -114,7 +241,7 @@ class CheckpointInputOffload:
                 h.ready = torch.cuda.Event()
                 h.ready.record(stream)
         else:
-            h.device_tensor = h.host.clone()
+            h.device_tensor = h.host.clone()  # the recompute must not alias a buffer the pool hands out again
 
     def unpack(self, h):
         if not isinstance(h, _Offloaded):
@@ -168,9 +295,9 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
     ``models.set_activation_checkpointing``). ``cpu_copies`` (default: when the model is on the CPU)
     offloads CPU tensors to separate CPU copies, which only tests use. ``min_bytes``: smaller tensors
     stay (default DEFAULT_MIN_BYTES, 0 with ``cpu_copies``). Yields the CheckpointInputOffload (its
-    ``stats``). Scores and gradients are unchanged: the copies are exact. Hooks on the decoder body
-    (``begin_pass`` before its forward, ``prefetch_last`` after) chain each forward's inputs on their
-    own and send the last one back while the loss runs."""
+    ``stats``); its host buffer pool is freed on exit. Scores and gradients are unchanged: the copies
+    are exact. Hooks on the decoder body (``begin_pass`` before its forward, ``prefetch_last`` after)
+    chain each forward's inputs on their own and send the last one back while the loss runs."""
     adapter = get_adapter(model)
     layers = _checkpointed_layers(model, adapter)
     if cpu_copies is None:
@@ -195,6 +322,7 @@ def offload_checkpoint_inputs(model: nn.Module, min_bytes: Optional[int] = None,
     try:
         yield offload
     finally:
+        offload.close()
         for hook in body_hooks:
             hook.remove()
         for layer, inner, wrapper in originals:

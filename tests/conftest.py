@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def tiny_config(family: str = "llama", layers: int = 2, hidden: int = 64, width: int = 160,
                 vocab: int = 300, heads: int = 4, kv_heads: int = 2, tie: bool = False, act: str = "silu"):
-    """A tiny random config of a LLaMA-family model (DESIGN: tests use tiny random configs)."""
+    """A tiny random config of a LLaMA-family model (tests use tiny random configs: a real model is too slow on a CPU)."""
     from transformers import AutoConfig
 
     kwargs = dict(
@@ -88,3 +88,51 @@ def compile_for_h100(fn, signature: dict, constexprs: dict, **options):
         raise
     assert "ptx" in compiled.asm
     return compiled
+
+
+def _ptxas_path():
+    """The ptxas Triton compiles with (its location moved between Triton versions), else one on PATH."""
+    import shutil
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - older Triton
+        pass
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+    except Exception:  # noqa: BLE001
+        return shutil.which("ptxas")
+
+
+def ptxas_usage(monkeypatch, fn, signature, constexprs, **options):
+    """(registers, spill bytes stored + loaded) per thread of ``fn`` compiled for sm_90, from ptxas -v:
+    the log Triton prints on a fresh compile (TRITON_DUMP_PTXAS_LOG), else (a cached kernel) ptxas -v
+    run again on the kernel's PTX."""
+    import contextlib
+    import io
+    import re
+    import subprocess
+    import tempfile
+
+    monkeypatch.setenv("TRITON_DUMP_PTXAS_LOG", "1")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        compiled = compile_for_h100(fn, signature, constexprs, **options)
+    log = buf.getvalue()
+    if "Used" not in log:
+        ptxas = _ptxas_path()
+        if ptxas is None:
+            pytest.skip("no ptxas to read the kernel's register use from")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = f"{tmp}/k.ptx"
+            with open(src, "w") as fh:
+                fh.write(compiled.asm["ptx"])
+            log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", src, "-o", f"{tmp}/k.o"],
+                                 capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills

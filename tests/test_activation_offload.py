@@ -163,6 +163,77 @@ def test_host_copies_live_as_long_as_the_graph():
         assert last() is None  # freed with the graph: no host copy outlives its backward
 
 
+def test_host_buffers_are_reused_across_passes_and_gradients_stay_bit_identical():
+    """Two forward+backward passes through one offload context: the second writes the layer inputs
+    into the very host buffers of the first (same data_ptrs, nothing new allocated) and its gradients
+    are bit-identical to the first pass's and to the run without offload. A ragged third pass (other
+    shapes) gets new buffers, and the idle buffers never exceed the bytes one pass had in use."""
+    model = _checkpointed(layers=3)
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 300, (2, 16), generator=gen)
+    ragged = torch.randint(0, 300, (3, 5), generator=gen)
+    ref = _grads(model, ids)
+    with offload_checkpoint_inputs(model) as off:
+        ptrs, grads = [], []
+        real_pack = off.pack
+
+        def pack(t):
+            h = real_pack(t)
+            ptrs[-1].append(h.host.data_ptr())
+            return h
+
+        off.pack = pack
+        for _ in range(2):
+            ptrs.append([])
+            grads.append(_grads(model, ids))
+        assert len(ptrs[0]) == 3 and len(set(ptrs[0])) == 3  # one buffer per layer input, all distinct
+        assert sorted(ptrs[1]) == sorted(ptrs[0])
+        assert (off.stats["host_buffers_allocated"], off.stats["host_buffers_reused"]) == (3, 3)
+        pool = off.pools[False]  # the CPU test mode's (unpinned) pool
+        one_pass = 3 * 2 * 16 * 64 * 4
+        assert pool.peak_in_use_bytes == one_pass and pool.in_use_bytes == 0 and pool.idle_bytes == one_pass
+        ptrs.append([])
+        _grads(model, ragged)
+        assert not set(ptrs[2]) & set(ptrs[0]) and off.stats["host_buffers_allocated"] == 6
+        assert pool.idle_bytes <= pool.peak_in_use_bytes == one_pass  # the older buffers were dropped
+    assert pool.idle_bytes == 0  # freed on exit
+    for got in grads:
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+
+
+def test_host_buffer_pool_bounds_and_close():
+    """The pool hands a buffer back only for the same byte size and device, keeps at most the peak
+    bytes in use as idle buffers (least recently returned dropped first) and keeps nothing once closed."""
+    from sdmprune.activation_offload import HostBufferPool
+
+    pool = HostBufferPool(pin=False)
+    cpu = torch.device("cpu")
+    a, fresh_a = pool.take(64, cpu)
+    b, fresh_b = pool.take(32, cpu)
+    assert (fresh_a, fresh_b) == (False, False) and pool.peak_in_use_bytes == 96
+    pool.give(a, cpu)
+    pool.give(b, cpu)
+    again, reused = pool.take(64, cpu)
+    assert reused and again.data_ptr() == a.data_ptr()
+    other, reused = pool.take(64, torch.device("meta"))  # another device's copy stream: not shared
+    assert not reused
+    assert pool.peak_in_use_bytes == 128  # again + other in use at once
+    pool.give(again, cpu)
+    pool.give(other, torch.device("meta"))
+    # 32 + 64 + 64 = 160 idle bytes would pass the peak in use (128): the least recently returned
+    # buffer (the 32-byte one, returned first) is dropped
+    assert pool.idle_bytes == 128
+    held = [pool.take(64, cpu), pool.take(64, torch.device("meta")), pool.take(32, cpu)]
+    assert [reused for _, reused in held] == [True, True, False]
+    pool.close()
+    assert pool.idle_bytes == 0
+    for (buf, _), dev in zip(held, (cpu, torch.device("meta"), cpu)):
+        pool.give(buf, dev)  # returned after close (a graph that outlived the context): dropped
+    assert pool.idle_bytes == 0 and pool.in_use_bytes == 0
+
+
 def test_needs_checkpointing():
     model = tiny_model(layers=2).train()  # checkpointing off
     with pytest.raises(InputError, match="gradient checkpointing"):
@@ -204,7 +275,7 @@ def test_prune_model_with_offloaded_activations_equals_resident(weights):
 def test_cli_flag_reaches_the_config():
     import argparse
 
-    from sdmprune.pipeline import add_arguments
+    from sdmprune.commands.prune import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -212,7 +283,7 @@ def test_cli_flag_reaches_the_config():
     assert args.offload_activations is True
     assert p.parse_args(["m", "--out", "o", "--ratio", "0.2"]).offload_activations is False
     # with --recover-steps the recovery steps checkpoint and offload as well
-    from sdmprune.pipeline import _recovery_options
+    from sdmprune.commands.prune import _recovery_options
 
     for flag in (True, False):
         extra = ["--offload-activations"] if flag else []

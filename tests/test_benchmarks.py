@@ -81,3 +81,134 @@ def test_recovery_summary_judges_the_same_settings_row_and_shows_the_offloaded_o
     rows[0]["peak_memory_gib"] = 6.0
     text, verdict = report._recovery_summary({"results": rows[:2]})
     assert text == "1.50x tokens/s, 0.60x peak memory" and verdict == report._yes(False)
+
+
+# ------------------------------------------------------------------------- benchmarks/run_gpu.sh
+# The device tool: at most 600 s a command, 900 s of device time a session, the machine's start
+# (60-120 s) included; tiers 1 and 2 are the session's two commands.
+COMMAND_LIMIT_S, SESSION_S, MACHINE_START_S = 600, 900, 120
+
+
+def gpu_plan(*args, env=None):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def parse_gpu_plan(text):
+    import re
+
+    grace = int(re.search(r"kill grace (\d+)s", text).group(1))
+    tiers, runs = {}, {}
+    for line in text.splitlines():
+        if m := re.match(r"tier (\d+): deadline (\d+)s$", line):
+            tier = tiers.setdefault(int(m.group(1)), {"deadline": int(m.group(2)), "steps": []})
+        elif m := re.match(r"\s+step (\S+)\s+cap\s+(\d+)s\s+(always|cold)\s+(\S+)\s+(.+)$", line):
+            tier["steps"].append(dict(name=m.group(1), cap=int(m.group(2)), kind=m.group(3), path=m.group(4)))
+        elif m := re.match(r"bench_pipeline runs: (\S+) (\S+)$", line):
+            runs[m.group(1)] = m.group(2).split(",")
+    return grace, tiers, runs
+
+
+def test_gpu_plan_tiers_fit_their_deadlines_and_name_real_paths():
+    """PLAN=1 (or --plan) prints each tier's steps without running anything: every tier's steps that
+    always run, each capped, fit its deadline with the kill grace, tiers 1 and 2 fit one session with
+    the machine's start, every step names an existing script or test path, and the bench_pipeline runs
+    split over the tiers are exactly its DEFAULT_RUNS."""
+    text = gpu_plan("--plan")
+    assert gpu_plan(env={"PLAN": "1"}) == text
+    grace, tiers, runs = parse_gpu_plan(text)
+    assert sorted(tiers) == [1, 2, 3, 4]
+    for n, tier in tiers.items():
+        steps = tier["steps"]
+        assert steps and steps[0]["name"] == "build", n  # everything after it needs the extension
+        always = sum(s["cap"] for s in steps if s["kind"] == "always")
+        assert always + grace <= tier["deadline"] <= COMMAND_LIMIT_S - 60, (n, always, tier["deadline"])
+        for s in steps:
+            assert 0 < s["cap"] <= tier["deadline"], (n, s)
+            assert os.path.exists(os.path.join(ROOT, s["path"])), (n, s)
+            if s["path"].endswith(".py") and s["path"].startswith("benchmarks/"):
+                assert os.path.basename(s["path"]).startswith("bench_"), s
+    assert tiers[1]["deadline"] <= 480 and tiers[2]["deadline"] <= 300
+    assert tiers[1]["deadline"] + tiers[2]["deadline"] + MACHINE_START_S <= SESSION_S
+    assert tiers[1]["steps"][0]["kind"] == "always" and any(s["name"] == "tests_cuda" for s in tiers[1]["steps"])
+    # the tier-1 benchmarks and the 8B / offload / gather / recovery ones, where the issue put them
+    paths = {n: {s["path"] for s in t["steps"]} for n, t in tiers.items()}
+    assert {"benchmarks/bench_fused_linear_distill_loss.py", "benchmarks/bench_taylor_importance.py",
+            "benchmarks/bench_pipeline.py"} <= paths[1]
+    assert {"benchmarks/bench_pipeline.py", "benchmarks/bench_offload.py", "benchmarks/bench_gather.py",
+            "benchmarks/bench_recovery.py"} <= paths[2]
+    bp = load("bench_pipeline")
+    specs = [spec for name in ("pipeline_1b", "pipeline_8b", "pipeline_1b_rest") for spec in runs[name]]
+    for spec in specs:
+        bp.parse_run(spec)  # SystemExit on a bad spec
+    assert set(specs) == set(bp.DEFAULT_RUNS.split(","))
+    assert {bp.parse_run(s)["shape"] for s in runs["pipeline_1b"]} == {"1b"}
+    assert {bp.parse_run(s)["shape"] for s in runs["pipeline_8b"]} == {"8b"}
+    for name, specs in runs.items():  # a mem=ref/K run needs its shape's reference before it
+        for i, spec in enumerate(specs):
+            if "mem=ref/" in spec:
+                shape = bp.parse_run(spec)["shape"]
+                assert f"{shape}:reference" in specs[:i], (name, spec)
+    # without a tier it runs nothing and says how to call it
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], capture_output=True,
+                          text=True, timeout=60, env={k: v for k, v in os.environ.items() if k not in ("TIER", "PLAN")})
+    assert proc.returncode == 2 and "TIER=1" in proc.stderr
+
+
+def test_gpu_test_selection_splits_the_suite(tmp_path):
+    """The pytest plugin of run_gpu.sh's test steps: SDM_SELECT=cuda keeps the tests that need CUDA (the
+    gpu mark, a skipif whose reason says it needs CUDA or a GPU, a "cuda" parameter), SDM_SELECT=rest
+    the others; on the real suite it finds the conftest `cuda` mark."""
+    plug = tmp_path / "plugin"
+    plug.mkdir()
+    subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh"), "--select-plugin", str(plug)],
+                   check=True, timeout=60)
+    (tmp_path / "test_sel.py").write_text(
+        "import pytest\n"
+        "cuda = pytest.mark.skipif(False, reason='needs a CUDA GPU')\n"
+        "def test_plain(): pass\n"
+        "@pytest.mark.gpu\ndef test_marked(): pass\n"
+        "@cuda\ndef test_skipif_reason(): pass\n"
+        "@pytest.mark.skipif(False, reason='checks the no-GPU message')\ndef test_no_gpu_message(): pass\n"
+        "@pytest.mark.parametrize('device', ['cpu', 'cuda'])\ndef test_param(device): pass\n")
+
+    def collect(select, target, cwd):
+        path = os.pathsep.join(p for p in (str(plug), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "SDM_SELECT": select, "PYTHONPATH": path}
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "sdm_gpu_select", "-p",
+                               "no:cacheprovider", target], capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return {line.split("::", 1)[1] for line in proc.stdout.splitlines() if "::" in line}
+
+    assert collect("cuda", "test_sel.py", tmp_path) == {"test_marked", "test_skipif_reason", "test_param[cuda]"}
+    assert collect("rest", "test_sel.py", tmp_path) == {"test_plain", "test_no_gpu_message", "test_param[cpu]"}
+    real = collect("cuda", "tests/test_activation_offload.py", ROOT)
+    assert real == {"test_cuda_offload_equal_gradients_and_lower_peak"}
+
+
+def test_pipeline_merge_keeps_the_first_measurement_of_a_run(tmp_path):
+    """--merge: the runs of the 1B and 8B tiers in one pipeline.json (+ .md), a run measured twice
+    (the reference a later tier repeats for its mem=ref/K budget) kept once, the IoU of the first file."""
+    head = {"versions": {"device": "GPU"}, "smoke": False, "samples": 16, "seq_len": 1024}
+    row = dict(batch_size=1, peak_memory_gib=2.0, predicted_peak_gib=2.5, tokens_per_s=1000.0,
+               stage_s_per_sample={"stage1": 0.1, "stage2": 0.2})
+    a = dict(head, runs=[dict(row, spec="1b:reference"), dict(row, spec="1b:fused:b=12:chunk=128:n=48")],
+             iou_1b={"0": 0.9})
+    b = dict(head, runs=[dict(row, spec="8b:reference"), dict(row, spec="8b:fused:mem=18GiB")])
+    c = dict(head, runs=[dict(row, spec="1b:reference", tokens_per_s=5.0), dict(row, spec="1b:fused:b=4")],
+             iou_1b={"0": 0.1})
+    paths = []
+    for name, rep in (("a", a), ("b", b), ("c", c)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    out = tmp_path / "results" / "pipeline.json"
+    assert load("bench_pipeline").main(["--merge", *map(str, paths), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["spec"] for r in merged["runs"]] == ["1b:reference", "1b:fused:b=12:chunk=128:n=48", "8b:reference",
+                                                   "8b:fused:mem=18GiB", "1b:fused:b=4"]
+    assert merged["runs"][0]["tokens_per_s"] == 1000.0 and merged["iou_1b"] == {"0": 0.9}
+    assert {k: merged[k] for k in head} == head
+    assert "8b:fused:mem=18GiB" in (tmp_path / "results" / "pipeline.md").read_text()

@@ -202,7 +202,7 @@ def test_edge_cases(backend, device):
     loss, ce, kl = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_t"], alpha=0.4,
                                              return_parts=True, **kw)
     assert ce.item() == 0.0 and kl.item() > 0 and torch.allclose(loss, 0.4 * kl)
-    # Student == teacher at T = 1: KL = 0 and its gradient is 0 (DESIGN: why two stages).
+    # Student == teacher at T = 1: KL = 0 and its gradient is 0 (why SDMPrune needs two stages).
     x = _inputs(6, 37, 16, torch.float32, device, 4)
     loss, ce, kl = fused_linear_distill_loss(x["h_s"], x["w"], x["labels"], x["h_s"].detach(),
                                              alpha=1.0, return_parts=True, **kw)
@@ -349,7 +349,7 @@ def test_kernel_compiles_for_h100():
 
 def test_tiled_kernels_compiles_for_h100():
     """The fused tile kernels (forward statistics, backward with dH/dW atomics) compile to sm_90
-    for the flag combinations the launcher uses, at the largest autotune tiles kept by the pruner."""
+    for the flag combinations the launcher uses, at the largest autotune tile."""
     ptrs = {"hs_ptr": "*bf16", "w_ptr": "*bf16", "ht_ptr": "*bf16", "wt_ptr": "*bf16", "labels_ptr": "*i64"}
     strides = ["s_hs_n", "s_hs_d", "s_w_v", "s_w_d", "s_ht_n", "s_ht_d", "s_wt_v", "s_wt_d"]
     fwd_sig = dict(ptrs, part_ptr="*fp32", N="i32", V="i32", D="i32", S="i32", inv_T="fp32",
@@ -357,7 +357,7 @@ def test_tiled_kernels_compiles_for_h100():
     bwd_sig = dict(ptrs, lse_s_ptr="*fp32", lse_t_ptr="*fp32", cce_ptr="*fp32", ckl_ptr="*fp32",
                    dh_ptr="*fp32", dw_ptr="*fp32", N="i32", V="i32", D="i32", inv_T="fp32",
                    **{k: "i32" for k in strides + ["s_dh_n", "s_dh_d", "s_dw_v", "s_dw_d"]})
-    tiles = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64)
+    tiles = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32)
     flag_sets = [dict(HAS_TEACHER=True, SHARED_W=True), dict(HAS_TEACHER=True, SHARED_W=False),
                  dict(HAS_TEACHER=False, SHARED_W=True)]
     jobs = []
@@ -371,6 +371,49 @@ def test_tiled_kernels_compiles_for_h100():
         assert "ptx" in compiled.asm and "cubin" in compiled.asm
         if fn is mod._tiled_bwd_kernel:
             assert "atom" in compiled.asm["ptx"] or "red." in compiled.asm["ptx"]  # the float32 atomics
+
+
+def test_tiled_autotune_configs_compiles_without_spills(monkeypatch):
+    """Every config of both autotune lists (the default and SDMPRUNE_TILED_AUTOTUNE=full) compiles to
+    sm_90 without register spills. A representative subset keeps it near 20 s: every config with the
+    flag set that holds the most registers (teacher with its own W: forward, and backward with dW),
+    the default list also with a shared W (forward, backward without dW). The other combinations
+    (no teacher; dW off with a separate W) hold fewer live tiles and were checked by hand."""
+    from conftest import ptxas_usage
+
+    if not triton_available():
+        pytest.skip("needs triton")
+    ptrs = {"hs_ptr": "*bf16", "w_ptr": "*bf16", "ht_ptr": "*bf16", "wt_ptr": "*bf16", "labels_ptr": "*i64"}
+    strides = ["s_hs_n", "s_hs_d", "s_w_v", "s_w_d", "s_ht_n", "s_ht_d", "s_wt_v", "s_wt_d"]
+    fwd_sig = dict(ptrs, part_ptr="*fp32", N="i32", V="i32", D="i32", S="i32", inv_T="fp32",
+                   **{k: "i32" for k in strides})
+    bwd_sig = dict(ptrs, lse_s_ptr="*fp32", lse_t_ptr="*fp32", cce_ptr="*fp32", ckl_ptr="*fp32",
+                   dh_ptr="*fp32", dw_ptr="*fp32", N="i32", V="i32", D="i32", inv_T="fp32",
+                   **{k: "i32" for k in strides + ["s_dh_n", "s_dh_d", "s_dw_v", "s_dw_d"]})
+
+    def tiles(configs):
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+                for c in configs}
+
+    default = tiles(mod._tiled_configs())
+    monkeypatch.setenv("SDMPRUNE_TILED_AUTOTUNE", "full")
+    full = tiles(mod._tiled_configs())
+    assert default and full
+    jobs = [(t, dict(HAS_TEACHER=True, SHARED_W=False), need_w) for t in sorted(default | full) for need_w in (None, True)]
+    jobs += [(t, dict(HAS_TEACHER=True, SHARED_W=True), need_w) for t in sorted(default) for need_w in (None, False)]
+    spilled = []
+    for (bn, bv, bd, warps, stages), flags, need_w in jobs:
+        cx = dict(flags, UPCAST=False, PRECISION="tf32", BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd)
+        if need_w is None:  # the forward kernel
+            fn, sig = mod._tiled_fwd_kernel, fwd_sig
+        else:
+            fn, sig = mod._tiled_bwd_kernel, bwd_sig
+            cx.update(NEED_DH=True, NEED_DW=need_w, GROUP_N=mod._BWD_GROUP_N)
+        regs, spills = ptxas_usage(monkeypatch, fn, sig, cx, num_warps=warps, num_stages=stages)
+        assert 0 < regs <= 255
+        if spills:
+            spilled.append(((bn, bv, bd, warps, stages), flags, need_w, regs, spills))
+    assert not spilled, f"configs that spill registers on sm_90 (tile, flags, dW, regs, bytes): {spilled}"
 
 
 @pytest.mark.skipif(not (triton_available() and interpreter_enabled()), reason="Triton on CPU needs TRITON_INTERPRET=1")

@@ -17,7 +17,11 @@ from sdmprune.kernels import taylor_importance as tmod
 from sdmprune.kernels.taylor_importance import accumulate_taylor_scores_
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
-from conftest import compile_for_h100
+from conftest import compile_for_h100, ptxas_usage
+
+TAYLOR_PTRS = ("x_ptr", "dg_ptr", "du_ptr", "h_ptr", "dy_ptr", "wg_ptr", "wu_ptr", "wd_ptr")
+TAYLOR_INTS = ["I", "D", "s_xt", "s_xd", "s_gt", "s_gi", "s_ut", "s_ui", "s_ht", "s_hi", "s_yt", "s_yd",
+               "s_wgi", "s_wgd", "s_wui", "s_wud", "s_wdd", "s_wdi"]
 
 TOL = {torch.float32: dict(rtol=1e-4, atol_rel=1e-5), torch.bfloat16: dict(rtol=1e-4, atol_rel=1e-5)}
 
@@ -81,9 +85,9 @@ def test_kernel_matches_float64_reference(backend, shape, dtype):
     check_increment(backend, T, I, d, seg, dtype)
 
 
-def check_variant(split_acc, T, I, d, seg, dtype, keep=None, device="cpu"):
-    """taylor_scores_triton_ with the kernel variant forced, on fresh inputs, against float64;
-    rows dropped by ``keep`` are poisoned with NaN first."""
+def check_tile(tile, T, I, d, seg, dtype, keep=None, device="cpu"):
+    """taylor_scores_triton_ at a given tile (None: the interpreter's fixed tile), on fresh inputs,
+    against float64; rows dropped by ``keep`` are poisoned with NaN first."""
     inp = make_inputs(T, I, d, dtype, device, seed=T + I)
     keep_t = None if keep is None else torch.tensor(keep, device=device)
     clean = dict(inp)
@@ -94,7 +98,7 @@ def check_variant(split_acc, T, I, d, seg, dtype, keep=None, device="cpu"):
     seg_t = torch.tensor(seg, device=device)
     start = torch.rand(I, device=device) + 0.5
     scores = start.clone()
-    tmod.taylor_scores_triton_(scores, *inp.values(), seg_t, keep_t, split_acc=split_acc)
+    tmod.taylor_scores_triton_(scores, *inp.values(), seg_t, keep_t, tile=tile)
     ref = reference_scores(*clean.values(), seg_t, keep_t)
     tol = TOL[dtype]
     torch.testing.assert_close((scores - start).double().cpu(), ref, rtol=tol["rtol"],
@@ -102,18 +106,19 @@ def check_variant(split_acc, T, I, d, seg, dtype, keep=None, device="cpu"):
 
 
 @triton_cpu
-@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_variants_match_float64_reference(split_acc, dtype):
-    """Both kernel variants the GPU autotuner chooses between (ragged shape, 4 segments, a mask)."""
+def test_kernel_with_token_mask_matches_float64_reference(dtype):
+    """The kernel on a ragged shape, 4 segments, with and without a token mask (NaN in dropped rows),
+    at the interpreter's tile and at a forced one (the path the GPU tests take for every autotuned tile;
+    BLOCK_D 16 gives more d blocks than the default tile)."""
     T, I, d, seg = 37, 45, 29, [0, 10, 11, 30, 37]
-    check_variant(split_acc, T, I, d, seg, dtype)
-    check_variant(split_acc, T, I, d, seg, dtype, keep=[i % 4 != 2 for i in range(T)])
+    check_tile(None, T, I, d, seg, dtype)
+    check_tile(None, T, I, d, seg, dtype, keep=[i % 4 != 2 for i in range(T)])
+    check_tile((16, 16, 32, 4, 3), T, I, d, seg, dtype, keep=[i % 3 != 1 for i in range(T)])
 
 
 @triton_cpu
-@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
-def test_kernel_partials_poisoned_grouped_and_deterministic(monkeypatch, split_acc):
+def test_kernel_partials_poisoned_grouped_and_deterministic(monkeypatch):
     """The kernel writes every partial it reads back (the buffer starts as NaN), segments beyond one
     launch's buffer go to further launches, and two runs give the same bits (no atomics)."""
     T, I, d, seg = 45, 40, 70, [0, 7, 15, 15, 30, 44]  # ragged: an empty segment, a trailing row
@@ -135,7 +140,7 @@ def test_kernel_partials_poisoned_grouped_and_deterministic(monkeypatch, split_a
     runs = []
     for _ in range(2):
         scores = torch.zeros(I)
-        tmod.taylor_scores_triton_(scores, *inp.values(), seg_t, split_acc=split_acc)
+        tmod.taylor_scores_triton_(scores, *inp.values(), seg_t)
         runs.append(scores)
     assert launches == [2, 2, 1] * 2
     assert torch.equal(runs[0], runs[1])
@@ -413,12 +418,14 @@ def test_kernel_gpu(shape, dtype):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("split_acc", [False, True], ids=["one-pass", "split-acc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kernel_variants_gpu(split_acc, dtype):
-    check_variant(split_acc, 300, 700, 260, [0, 100, 101, 300], dtype, device="cuda")
-    check_variant(split_acc, 300, 700, 260, [0, 100, 101, 300], dtype, keep=[i % 5 != 3 for i in range(300)],
-                  device="cuda")
+def test_every_autotuned_tile_gpu(dtype):
+    """The autotuner may pick any tile of its list: each one, with and without a token mask."""
+    tiles = tmod.FP32_TILES if dtype == torch.float32 else tmod.HALF_TILES
+    for tile in tiles:
+        check_tile(tile, 300, 700, 260, [0, 100, 101, 300], dtype, device="cuda")
+        check_tile(tile, 300, 700, 260, [0, 100, 101, 300], dtype, keep=[i % 5 != 3 for i in range(300)],
+                   device="cuda")
 
 
 @cuda
@@ -435,17 +442,24 @@ def test_kernel_gpu_is_deterministic():
     assert torch.equal(runs[1], runs[2]) and torch.equal(runs[0], runs[1])
 
 
-def test_kernel_variants_compiles_for_h100():
-    """Both variants compile to sm_90 at the largest tiles the autotuner tries (no GPU needed)."""
-    ptrs = dict(part_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", x_ptr="*bf16", dg_ptr="*bf16", du_ptr="*bf16",
-                h_ptr="*bf16", dy_ptr="*bf16", wg_ptr="*bf16", wu_ptr="*bf16", wd_ptr="*bf16")
-    ints = ["I", "D", "s_xt", "s_xd", "s_gt", "s_gi", "s_ut", "s_ui", "s_ht", "s_hi", "s_yt", "s_yd",
-            "s_wgi", "s_wgd", "s_wui", "s_wud", "s_wdd", "s_wdi"]
-    for split, tiles in ((False, dict(BLOCK_I=128, BLOCK_D=128, BLOCK_T=32)),
-                         (True, dict(BLOCK_I=128, BLOCK_D=256, BLOCK_T=32))):
-        cx = dict(HAS_KEEP=True, PRECISION="tf32", UPCAST=False, SPLIT_ACC=split, **tiles)
-        compile_for_h100(tmod._taylor_scores_kernel, dict(ptrs, inv_d="fp32", **{k: "i32" for k in ints}), cx,
-                         num_warps=8, num_stages=3)
+def test_autotune_tiles_compiles_without_spills(monkeypatch):
+    """Every tile the GPU autotuner tries compiles to sm_90 without register spills (a spilling tile
+    is slow and costs compile time on every first use): the bf16 list with and without a token mask,
+    fp16 with one, and the float32 (IEEE dot) list with and without: 21 compiles, ~20 s."""
+    jobs = [("bf16", "tf32", tile, keep) for tile in tmod.HALF_TILES for keep in (True, False)]
+    jobs += [("fp16", "tf32", tile, True) for tile in tmod.HALF_TILES]
+    jobs += [("fp32", "ieee", tile, keep) for tile in tmod.FP32_TILES for keep in (True, False)]
+    spilled = []
+    for dt, precision, (bi, bd, bt, warps, stages), keep in jobs:
+        sig = dict(part_ptr="*fp32", seg_ptr="*i32", keep_ptr="*i8", inv_d="fp32",
+                   **{k: f"*{dt}" for k in TAYLOR_PTRS}, **{k: "i32" for k in TAYLOR_INTS})
+        cx = dict(HAS_KEEP=keep, PRECISION=precision, UPCAST=False, BLOCK_I=bi, BLOCK_D=bd, BLOCK_T=bt)
+        regs, spills = ptxas_usage(monkeypatch, tmod._taylor_scores_kernel, sig, cx, num_warps=warps,
+                                   num_stages=stages)
+        assert 0 < regs <= 255
+        if spills:
+            spilled.append((dt, (bi, bd, bt, warps, stages), keep, regs, spills))
+    assert not spilled, f"tiles that spill registers on sm_90 (dtype, tile, mask, regs, bytes): {spilled}"
 
 
 @cuda
