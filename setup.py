@@ -67,7 +67,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["sdmprune", "sdmprune.kernels"],
+    packages=["sdmprune", "sdmprune.commands", "sdmprune.kernels"],
     package_dir={"sdmprune": "sdmprune", "sdmprune.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -183,14 +183,11 @@ def main(argv=None) -> int:
                 "each row measured in this process",
         "rows": rows,
     }
-    text = json.dumps(result, indent=1)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "layer_ops.json.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / "layer_ops.json")
-    print(text)
+        from sdmprune.paths import write_json_atomic
+
+        write_json_atomic(Path(args.out) / "layer_ops.json", result)
+    print(json.dumps(result, indent=1))
     return 0
 
 

@@ -76,19 +76,21 @@ def measure(fn, steps, warmup, device):
 def run_ours(config, keep, rows, args, device, offload_activations=False):
     from sdmprune import recover
     from sdmprune.activation_offload import maybe_offload_checkpoint_inputs
-    from sdmprune.models import get_adapter
+    from sdmprune.lora import apply_lora
+    from sdmprune.models import ChannelMasks, get_adapter
+    from sdmprune.trainer import Trainer, self_teacher
 
     model = build(config, device)
     cfg = recover.FinetuneConfig(batch_size=1, grad_accum=len(rows), seq_len=args.seq_len, alpha=0.5,
                                  temperature=1.0, progress=False, lr=1e-4, lora_dropout=0.05)
     adapter = get_adapter(model)
-    masks = recover.ChannelMasks(model, keep)
-    peft_model = recover._apply_lora(model, cfg)
+    masks = ChannelMasks(model, keep)
+    peft_model = apply_lora(model, cfg)
     masks.install()
     if args.checkpointing or offload_activations:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = recover._Trainer(model, adapter, rows, cfg, 10 ** 6,
-                               teacher_fn=recover._self_teacher(model, peft_model, adapter, masks))
+    trainer = Trainer(model, adapter, rows, cfg, 10 ** 6,
+                      teacher_fn=self_teacher(model, peft_model, adapter, masks))
     trainer.rows_for_step = lambda step: torch.arange(len(rows))  # every row, every step
     with maybe_offload_checkpoint_inputs(model, offload_activations):
         sec, peak = measure(trainer.train_step, args.steps, args.warmup, device)

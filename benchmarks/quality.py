@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from sdmprune.loading import load_model, resolve_device
     from sdmprune.models import count_parameters
     from sdmprune.pipeline import PruneConfig, prune_model
-    from sdmprune.save import write_json_atomic
+    from sdmprune.paths import atomic_write_file, write_json_atomic
 
     t_all = time.perf_counter()
     dev = resolve_device(args.device)
@@ -145,10 +145,8 @@ def main(argv=None) -> int:
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(os.path.join(out_dir, f"{args.out_name}.json"), res)
-    tmp = os.path.join(out_dir, f"{args.out_name}.md.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(markdown(res))
-    os.replace(tmp, os.path.join(out_dir, f"{args.out_name}.md"))
+    with atomic_write_file(os.path.join(out_dir, f"{args.out_name}.md")) as tmp:
+        tmp.write_text(markdown(res))
     print(markdown(res))
     return 0
 

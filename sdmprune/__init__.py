@@ -1,8 +1,10 @@
 """sdmprune: SDMPrune (self-distillation MLP pruning) for LLaMA-family models.
 
-The pipeline reads top-down: ``data`` -> ``models`` (family adapters) -> ``importance`` (engines)
--> ``plan`` (ratio -> width) -> ``slicing`` -> ``save`` -> ``evaluate`` -> ``recover``, with ``cli``
-on top. Triton kernels live in ``sdmprune.kernels``; the compiled gather ops in ``sdmprune.ops``.
+The pipeline reads top-down: ``data`` -> ``models`` (family adapters) -> ``methods`` (the registry;
+``taylor`` and ``baselines`` score) -> ``widths`` (ratio -> width) -> ``pipeline`` (``prune_model``)
+-> ``slicing`` -> ``save`` -> ``evaluate`` -> ``recover``, with ``commands`` (the CLI) on top; what a
+run may write or delete is ruled by ``paths``, what it resumes from by ``run_state``. Triton kernels
+live in ``sdmprune.kernels``; the compiled gather ops in ``sdmprune.ops``.
 
 Public names are imported lazily so that ``import sdmprune`` stays cheap.
 """
@@ -16,6 +18,9 @@ _LAZY = {
     # importance engine (drop-in)
     "TaylorImportance": "sdmprune.importance",
     "NaiveTaylorImportance": "sdmprune.importance",
+    # methods
+    "register_method": "sdmprune.methods",
+    "available_methods": "sdmprune.methods",
     # pipeline
     "PruneConfig": "sdmprune.pipeline",
     "PruneResult": "sdmprune.pipeline",
@@ -25,8 +30,8 @@ _LAZY = {
     "GatedMLP": "sdmprune.models",
     "UnsupportedModelError": "sdmprune.models",
     # planning
-    "width_for_ratio": "sdmprune.plan",
-    "plan_width": "sdmprune.plan",
+    "width_for_ratio": "sdmprune.widths",
+    "plan_width": "sdmprune.widths",
     # data and loading
     "calibration_windows": "sdmprune.data",
     "load_model": "sdmprune.loading",

@@ -1,8 +1,7 @@
-"""The ``sdmprune`` command line: one subcommand per step of the pipeline.
+"""The ``sdmprune`` command line: one subcommand per step of the pipeline (sdmprune.commands).
 
-Each subcommand lives beside the code it runs: the module named in SUBCOMMANDS defines
-``add_arguments(parser)`` and ``run(args) -> int``. A user-facing error (SdmpruneError) prints one
-line and exits with code 2; nothing is half-written because every output is written atomically.
+A user-facing error (SdmpruneError) prints one line and exits with code 2; nothing is half-written
+because every output is written atomically (sdmprune.paths).
 """
 from __future__ import annotations
 
@@ -10,30 +9,21 @@ import argparse
 import sys
 from importlib import import_module
 
+from .commands import SUBCOMMANDS
 from .errors import SdmpruneError
-
-# name -> (module, help)
-SUBCOMMANDS = {
-    "prune": ("sdmprune.pipeline", "prune the MLPs of a model (SDMPrune or a baseline method)"),
-    "eval": ("sdmprune.evaluate", "perplexity (and lm-eval tasks) of a model"),
-    "finetune": ("sdmprune.recover", "recover a pruned model (LoRA or full, plain or distilled)"),
-    "plan": ("sdmprune.memory", "predict peak memory per GPU and the largest batch that fits"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="sdmprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"sdmprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            mod = import_module(module)
-        except ModuleNotFoundError as exc:  # a subcommand whose module is not built yet
-            if exc.name != module:
-                raise
-            p.set_defaults(_run=None, _missing=module)
-            continue
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod = import_module(module)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -42,16 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args._run is None:
-        print(f"sdmprune: error: subcommand {args.command!r} is not available ({args._missing} missing)", file=sys.stderr)
-        return 2
     try:
         return int(args._run(args) or 0)
     except SdmpruneError as exc:
         print(f"sdmprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"sdmprune {args.command}: interrupted (rerun with --resume to continue where it stopped)", file=sys.stderr)
+        work = getattr(args, "resume_hint", None)
+        hint = " (rerun with --resume to continue where it stopped)" if work is not None and work.holds_run_files() else ""
+        print(f"sdmprune {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

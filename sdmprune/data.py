@@ -4,14 +4,20 @@ A source (``--calib`` / ``--ppl`` / ``--eval-ppl``) is one of:
 
 - ``c4``, ``wikitext2``: Hugging Face datasets (need network; offline they fail with one clear error);
   any other ``owner/name`` is tried as a hub dataset with a ``text`` column;
-- a local ``.txt`` file (one long text), ``.jsonl`` / ``.parquet`` file (documents, ``text`` field),
-  or a directory of such files (each ``.txt`` file one document);
+- a local ``.txt`` file (one long text), ``.jsonl`` / ``.json`` / ``.parquet`` file (documents, the
+  ``text`` field or the one named by ``text_field``), or a directory of such files (each ``.txt`` file
+  one document); local files are read and checked when the source is resolved (UTF-8 text without
+  control bytes, valid JSON with the text field in every record), before any model is loaded;
 - a ``.pt`` file of token ids ``[n, L]`` (exact reproducibility: used as is);
 - ``self``: sequences sampled from the unpruned model itself, starting from BOS, seeded (data-free,
   always works offline).
 
 Calibration windows follow the paper: documents longer than L tokens, one random window of each
 (seeded); a single long text (or too few long documents) gives random windows of the text.
+
+Held-out evaluation text sampled from the model (``self``) is one function of the run's seed
+(``eval_text_seed``), so ``prune``, ``eval`` and ``finetune`` with the same seed evaluate on the same
+text; it never equals the calibration sample of that seed.
 """
 from __future__ import annotations
 
@@ -38,6 +44,17 @@ HUB_DATASETS = {
 ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wikitext2-raw": "wikitext2"}
 TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
 DOC_SUFFIXES = (".jsonl", ".json", ".parquet")
+# the held-out 'self' evaluation text of a run with seed s is sampled with seed s + EVAL_SEED_OFFSET
+EVAL_SEED_OFFSET = 1000
+# control bytes (other than tab, newlines, form feed) allowed per million bytes of a text file
+CONTROL_BYTES_PER_MILLION = 1000
+_CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\r\f")
+
+
+def eval_text_seed(seed: int) -> int:
+    """The sampling seed of the held-out 'self' evaluation text of a run with ``seed`` (never the
+    calibration seed, so the evaluation text is not the calibration sample)."""
+    return int(seed) + EVAL_SEED_OFFSET
 
 
 @dataclass
@@ -49,6 +66,9 @@ class SourceSpec:
     path: Optional[str] = None
     hub_name: Optional[str] = None
     info: dict = field(default_factory=dict)
+    text_field: str = "text"
+    texts: Optional[List[str]] = None  # local text/docs sources: read and checked by resolve_source
+    is_documents: bool = False
 
     def describe(self) -> str:
         if self.kind == "self":
@@ -68,8 +88,9 @@ def _network_ok(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_source(src: str, what: str = "data") -> SourceSpec:
-    """Validate ``src`` without reading it fully (cheap: run before loading the model)."""
+def resolve_source(src: str, what: str = "data", text_field: str = "text") -> SourceSpec:
+    """Validate ``src`` before any model is loaded: a local text or document source is read and checked
+    here (one InputError line for anything that is not text, not valid JSON, or lacks ``text_field``)."""
     if src is None or str(src).strip() == "":
         raise InputError(f"empty {what} source")
     src = str(src)
@@ -80,14 +101,26 @@ def resolve_source(src: str, what: str = "data") -> SourceSpec:
         files = _dir_files(path)
         if not files:
             raise InputError(f"{what} directory {src!r} has no .txt/.jsonl/.parquet files")
-        return SourceSpec(src, "dir", path=path)
+        spec = SourceSpec(src, "dir", path=path, text_field=text_field)
+        docs = []
+        for f in files:
+            docs.extend([read_text_file(f, what)] if f.lower().endswith(TEXT_SUFFIXES)
+                        else _read_docs_file(f, what, text_field))
+        spec.texts, spec.is_documents = docs, True
+        return spec
     if os.path.isfile(path):
         low = path.lower()
         if low.endswith(".pt"):
             return SourceSpec(src, "tokens", path=path)
         if low.endswith(DOC_SUFFIXES):
-            return SourceSpec(src, "docs", path=path)
-        return SourceSpec(src, "text", path=path)
+            spec = SourceSpec(src, "docs", path=path, text_field=text_field)
+            spec.texts, spec.is_documents = _read_docs_file(path, what, text_field), True
+            if not spec.texts:
+                raise InputError(f"{what} file {src!r} holds no text")
+            return spec
+        spec = SourceSpec(src, "text", path=path)
+        spec.texts, spec.is_documents = [read_text_file(path, what)], False
+        return spec
     looks_like_path = src.startswith((".", "/", "~")) or os.sep in src and not _looks_like_hub_id(src) \
         or src.lower().endswith((".pt",) + TEXT_SUFFIXES + DOC_SUFFIXES)
     if looks_like_path:
@@ -117,48 +150,85 @@ def _dir_files(path: str) -> List[str]:
     return sorted(out)
 
 
-def _read_docs_file(path: str) -> List[str]:
+def read_text_file(path: str, what: str = "data") -> str:
+    """The file's text; InputError when it is not UTF-8 or holds control bytes (a binary file)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise InputError(f"{what} file {path!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} file {path!r} does not look like text: it is not UTF-8 (byte {exc.start})") from None
+    control = len(raw) - len(raw.translate(None, _CONTROL_BYTES))
+    if b"\0" in raw or control * 1_000_000 > CONTROL_BYTES_PER_MILLION * max(1, len(raw)):
+        raise InputError(f"{what} file {path!r} does not look like text: it holds NUL or control bytes")
+    return text
+
+
+def _record_text(row, path: str, where: str, text_field: str):
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict):
+        raise InputError(f"{path}: {where} is a {type(row).__name__}, not a record with a {text_field!r} field")
+    if text_field not in row:
+        fields = ", ".join(list(row)[:8]) or "none"
+        raise InputError(f"{path}: {where} has no {text_field!r} field (fields: {fields}); name the text field "
+                         "with --text-field")
+    text = row[text_field]
+    if text is not None and not isinstance(text, str):
+        raise InputError(f"{path}: {where}: field {text_field!r} is a {type(text).__name__}, not text")
+    return text
+
+
+def _read_docs_file(path: str, what: str = "data", text_field: str = "text") -> List[str]:
+    """The documents of a .jsonl / .json / .parquet file (field ``text_field``); InputError for a file
+    that is not valid, or a record without the field."""
     low = path.lower()
     if low.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        col = "text" if "text" in table.column_names else None
-        if col is None:
-            raise InputError(f"{path}: no 'text' column (columns: {table.column_names})")
-        return [t for t in table.column(col).to_pylist() if t]
+            table = pq.read_table(path)
+        except ImportError:
+            raise InputError("reading .parquet files needs pyarrow: pip install pyarrow") from None
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise InputError(f"{what} file {path!r} is not a readable parquet file ({type(exc).__name__})") from None
+        if text_field not in table.column_names:
+            raise InputError(f"{path}: no {text_field!r} column (columns: {', '.join(table.column_names)}); name "
+                             "the text column with --text-field")
+        return [t for t in table.column(text_field).to_pylist() if t]
+    text = read_text_file(path, what)
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        if low.endswith(".json") and not low.endswith(".jsonl"):
-            data = json.load(fh)
-            rows = data if isinstance(data, list) else [data]
-        else:
-            rows = (json.loads(line) for line in fh if line.strip())
-        for row in rows:
-            text = row if isinstance(row, str) else row.get("text")
-            if text is None and isinstance(row, dict):
-                text = next((v for v in row.values() if isinstance(v, str)), None)
-            if text:
-                docs.append(text)
+    if low.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{what} file {path!r} is not valid JSON: {exc}") from None
+        rows = data if isinstance(data, list) else [data]
+        for i, row in enumerate(rows):
+            t = _record_text(row, path, f"record {i + 1}", text_field)
+            if t:
+                docs.append(t)
+        return docs
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{what} file {path!r}: line {n} is not valid JSON ({exc.msg})") from None
+        t = _record_text(row, path, f"line {n}", text_field)
+        if t:
+            docs.append(t)
     return docs
-
-
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
 
 
 def load_documents(spec: SourceSpec, split: str = "train") -> Tuple[List[str], bool]:
     """(texts, is_documents): one long text (False) or a list of documents (True)."""
-    if spec.kind == "text":
-        return [_read_text(spec.path)], False
-    if spec.kind == "docs":
-        return _read_docs_file(spec.path), True
-    if spec.kind == "dir":
-        docs = []
-        for f in _dir_files(spec.path):
-            docs.extend([_read_text(f)] if f.lower().endswith(TEXT_SUFFIXES) else _read_docs_file(f))
-        return docs, True
+    if spec.texts is not None:
+        return spec.texts, spec.is_documents
     if spec.kind == "hub":
         return _load_hub(spec, split)
     raise ValueError(spec.kind)
@@ -243,11 +313,11 @@ def calibration_windows(src, tokenizer, n: int, seq_len: int, seed: int = 0, mod
 
 
 def eval_token_stream(src, tokenizer, model=None, max_tokens: Optional[int] = None,
-                      seed: int = 1234, seq_len: int = 2048) -> Tuple[torch.Tensor, dict]:
+                      seed: int = 0, seq_len: int = 2048) -> Tuple[torch.Tensor, dict]:
     """A 1-D token stream for perplexity (the test split / the file joined) and a description dict.
 
-    For ``self`` the text is sampled from the model with ``seed`` (held out: the calibration seed
-    differs), as ``max_tokens // seq_len`` sequences of ``seq_len`` (``max_tokens`` required).
+    For ``self`` the text is sampled from the model with ``eval_text_seed(seed)`` (``seed``: the run's
+    seed), as ``max_tokens // seq_len`` sequences of ``seq_len`` (``max_tokens`` required).
     """
     spec = src if isinstance(src, SourceSpec) else resolve_source(src, "evaluation")
     desc = {"source": spec.raw, "kind": spec.kind}
@@ -255,8 +325,8 @@ def eval_token_stream(src, tokenizer, model=None, max_tokens: Optional[int] = No
         if model is None or not max_tokens:
             raise InputError("evaluation on 'self' needs the model and a token budget")
         n = max(1, max_tokens // seq_len)
-        toks = sample_from_model(model, tokenizer, n, seq_len, seed=seed)
-        desc["mode"] = f"held-out text sampled from the unpruned model (seed {seed})"
+        toks = sample_from_model(model, tokenizer, n, seq_len, seed=eval_text_seed(seed))
+        desc["mode"] = f"held-out text sampled from the unpruned model (seed {eval_text_seed(seed)})"
         return toks.reshape(-1), desc
     if spec.kind == "tokens":
         toks = load_token_file(spec.path).reshape(-1)

@@ -73,6 +73,33 @@ def broadcast_from_main(obj):
     return box[0]
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun each rank uses its own GPU (LOCAL_RANK) when the device is plain ``cuda``."""
+    import os
+
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_torchrun(device: torch.device) -> bool:
+    """Join the process group of a torchrun launch (WORLD_SIZE > 1) unless one is initialized already:
+    NCCL with each rank on GPU LOCAL_RANK, gloo when the run is on the CPU. True when it initialized."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if torch.distributed.is_initialized():
+        return False
+    device = rank_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
+    return True
+
+
 def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if _initialized() and world_size() > 1:

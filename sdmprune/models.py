@@ -12,9 +12,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional
 
+import torch
 from torch import nn
 
-from .errors import SdmpruneError
+from .errors import InputError, SdmpruneError
 
 
 class UnsupportedModelError(SdmpruneError, ValueError):
@@ -92,6 +93,11 @@ class LlamaFamilyAdapter:
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.get_output_embeddings()
 
+    def mlp_input_of_down(self, layer: nn.Module) -> nn.Module:
+        """The module whose input is H (the gated activation) in ``layer``: where channel masks act. Read
+        at call time, so under peft it is the LoRA wrapper (the mask then reaches the LoRA branch too)."""
+        return layer.mlp.down_proj
+
     # Families whose decoder layer ends in ``residual + mlp(x)``: nothing after the MLP saves tensors
     # for backward, so a checkpoint recompute may skip the MLP (kernels.gated_mlp.checkpoint_context_fn).
     residual_after_mlp_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -105,23 +111,88 @@ class LlamaFamilyAdapter:
         names = {n for n, _ in layer.named_children()}
         return not any("post_feedforward" in n or "post_mlp" in n or "dropout" in n for n in names)
 
+    # config attributes that map h @ W^T to the model's logits: (name, how the logits use it)
+    LOGIT_MAPS = (("logits_scaling", "divide"), ("logit_scale", "multiply"))
+    # ...and ones the LM-head losses cannot reproduce (the model is refused, naming the attribute)
+    UNSUPPORTED_LOGIT_MAPS = ("final_logit_softcapping",)
+
+    def logit_scale(self, model: nn.Module) -> float:
+        """s in ``logits = s * (h @ W^T)`` for this model (1.0 for plain logits), read from its config:
+        Granite divides by ``logits_scaling``, Cohere multiplies by ``logit_scale``. Every LM-head loss of
+        the package feeds ``s * h`` to the head. A map the losses cannot reproduce (softcapping) raises
+        UnsupportedModelError naming the config attribute."""
+        config = model.config
+        for name in self.UNSUPPORTED_LOGIT_MAPS:
+            if getattr(config, name, None):
+                raise UnsupportedModelError(
+                    f"model type {getattr(config, 'model_type', '?')!r} maps its logits through {name}="
+                    f"{getattr(config, name)} (a softcap), which sdmprune's LM-head losses do not reproduce")
+        scale = 1.0
+        for name, how in self.LOGIT_MAPS:
+            value = getattr(config, name, None)
+            if value is None or isinstance(value, bool):
+                continue
+            value = float(value)
+            if not value or value != value:
+                raise UnsupportedModelError(f"config.{name} = {value} cannot scale the logits")
+            scale = scale / value if how == "divide" else scale * value
+        return scale
+
+    def head_input(self, model: nn.Module, hidden):
+        """The final hidden states as the LM head's loss must see them: ``logit_scale * h``, so that
+        ``head_input @ W^T`` are the model's own logits (h itself when the logits are plain)."""
+        scale = self.logit_scale(model)
+        return hidden if scale == 1.0 else hidden * scale
+
     def gated_mlps(self, model: nn.Module) -> List[GatedMLP]:
         config = model.config
-        if getattr(config, "final_logit_softcapping", None):
-            raise UnsupportedModelError(
-                "models with final_logit_softcapping (gemma2-style) are not supported: the fused "
-                "LM-head loss assumes plain logits"
-            )
+        self.logit_scale(model)  # a model whose logits the losses cannot reproduce is refused before any work
         act = canonical_activation(getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", ""))
         out = []
         for i, layer in enumerate(self.decoder_layers(model)):
             mlp = layer.mlp
             # the base nn.Linear of each projection (a peft LoRA wrapper is looked through)
-            gate, up, down = (base_linear(getattr(mlp, n)) for n in self.mlp_names)
+            gate, up, down = (base_linear(getattr(mlp, n, None)) for n in self.mlp_names)
+            if gate is None or up is None or down is None:  # e.g. mixture-of-experts layers after dense ones
+                raise UnsupportedModelError(f"layer {i}: its MLP ({type(mlp).__name__}) is not a gated MLP with "
+                                            "gate_proj/up_proj/down_proj linear layers")
             if gate.out_features != up.out_features or down.in_features != gate.out_features:
                 raise UnsupportedModelError(f"layer {i}: gate/up/down widths disagree")
             out.append(GatedMLP(i, mlp, gate, up, down, act))
+        for m in out:
+            check_mlp_computes_gated_form(m)
         return out
+
+
+# MLP classes probed so far: class -> None (computes the gated form) or the reason it does not
+_MLP_PROBES: Dict[type, Optional[str]] = {}
+
+
+def check_mlp_computes_gated_form(m: GatedMLP) -> None:
+    """Refuse an MLP whose forward is not ``down(act(gate(x)) * up(x))`` (extra per-channel scales, another
+    activation than the config names, ...): the importance engines and slicing assume that form. Probed
+    once per MLP class on two random tokens with the layer's own weights; skipped while the weights are
+    not materialized (meta device, FSDP shards), where the class is probed on its next real call."""
+    cls = type(m.module)
+    if cls not in _MLP_PROBES:
+        w = m.gate.weight
+        if w.device.type == "meta" or type(w.data).__name__ == "DTensor":
+            return
+        from sdmprune.kernels.gated_mlp import apply_activation
+
+        mlp = m.module
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(1, 2, m.hidden_size, generator=g).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            got = mlp(x).float()
+            want = mlp.down_proj(apply_activation(m.activation, mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+        tol = 1e-4 if w.dtype == torch.float32 else 3e-2
+        close = got.shape == want.shape and bool(((got - want).abs() <= tol * (1 + want.abs())).all())
+        _MLP_PROBES[cls] = None if close else (
+            f"the MLP of this model ({cls.__name__}) does not compute down(act(gate(x)) * up(x)) with the "
+            f"configured activation {m.activation!r}; sdmprune prunes only that form")
+    if _MLP_PROBES[cls] is not None:
+        raise UnsupportedModelError(_MLP_PROBES[cls])
 
 
 ADAPTERS = [LlamaFamilyAdapter()]
@@ -170,6 +241,22 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool, context_fn: Op
     return was
 
 
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """The mode of a gradient pass that scores channels: every module in eval mode, so no dropout acts
+    (attention, residual or MLP dropout that a config may set), except the decoder layers' own flag,
+    which activation checkpointing reads. Restores every module's mode afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for layer in get_adapter(model).decoder_layers(model):
+        layer.training = True  # the layer itself only: its children stay in eval mode
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
 class LayerOps(NamedTuple):
     """What ``fused_layer_ops`` swaps: (module, mode, eps) per recognized RMSNorm
     (kernels.rms_norm.find_rms_norms) and the python module whose rotary it replaces, or None
@@ -212,3 +299,71 @@ def count_parameters(model: nn.Module) -> int:
         seen.add(key)
         total += p.numel()
     return total
+
+
+def meta_model_from_config(config, trust_remote_code: bool = False) -> nn.Module:
+    """Build ``config``'s causal-LM on the meta device (no memory, no weights) for planning and checks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+class ChannelMasks:
+    """0/1 channel masks on H, the input of every ``down_proj``: the one mask hook of the package (the
+    reference importance engine's stage-2 student and the one-copy recovery use it), switchable off.
+
+    ``keep``: {layer index: kept channel indices} in the current numbering. Built on the plain model
+    (find_gated_mlps wants nn.Linear MLPs); ``install()`` hooks whatever module then sits at the
+    adapter's ``mlp_input_of_down`` (a LoRA wrapper once peft injected it)."""
+
+    def __init__(self, model: nn.Module, keep: Dict[int, "torch.Tensor"]):
+        self.on = True
+        self.handles = []
+        self.adapter = get_adapter(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.masks = {}
+        for m in find_gated_mlps(model):
+            if m.index not in keep:
+                continue
+            idx = torch.as_tensor(keep[m.index], dtype=torch.long)
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= m.width:
+                raise InputError(f"layer {m.index}: kept channel indices must be in [0, {m.width}) and not empty")
+            dev, dt = m.down.weight.device, m.down.weight.dtype
+            mask = torch.zeros(m.width, dtype=dt, device=dev)
+            mask[idx.to(dev)] = 1
+            self.masks[m.index] = mask
+
+    def install(self) -> "ChannelMasks":
+        self.remove()
+        for i, mask in self.masks.items():
+            target = self.adapter.mlp_input_of_down(self.layers[i])
+            self.handles.append(target.register_forward_pre_hook(self._hook(mask)))
+        return self
+
+    def _hook(self, mask):
+        def hook(module, args):
+            if not self.on:
+                return None
+            return (args[0] * mask.to(device=args[0].device, dtype=args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    @contextlib.contextmanager
+    def off(self):
+        prev, self.on = self.on, False
+        try:
+            yield
+        finally:
+            self.on = prev
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> "ChannelMasks":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -2,7 +2,7 @@
 the GPU ahead of use, in forward and again (in reverse) in backward, double-buffered.
 
 Why not accelerate's offload hooks: they act around forward only, so in backward the weights are on
-``meta`` (DESIGN section 5). A gradient pass needs the weights again for the layer's backward, and
+``meta`` (checked on transformers 5 / accelerate). A gradient pass needs the weights again for the layer's backward, and
 the importance op reads ``mlp.gate_proj.weight`` etc. at backward time.
 
 Mechanism (one ``LayerStreamer`` per model):
@@ -25,6 +25,8 @@ hooks, so the recompute runs with the weights made resident by the output hook).
 slots are CPU tensors: the swapping is the same, which is what the CPU tests check.
 """
 from __future__ import annotations
+
+import contextlib
 
 import time
 from collections import defaultdict
@@ -310,3 +312,18 @@ class LayerStreamer:
 def stream_layers(model: nn.Module, device="cuda", prefetch: bool = True) -> LayerStreamer:
     """Start streaming ``model``'s decoder layers from host memory to ``device``; returns the streamer."""
     return LayerStreamer(model, device, prefetch=prefetch)
+
+
+@contextlib.contextmanager
+def maybe_stream_layers(model: nn.Module, device, enabled: bool):
+    """Forward-only work (perplexity, sampling 'self' text) on a model kept in host memory (``--shard``,
+    ``--offload``): stream its layers through the GPU while the block runs instead of running on the
+    CPU. A no-op when not ``enabled`` or when ``device`` is not a GPU."""
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    streamer = stream_layers(model, device)
+    try:
+        yield
+    finally:
+        streamer.remove()

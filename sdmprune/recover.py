@@ -1,6 +1,7 @@
 """Recovery fine-tuning after pruning: LoRA or full, plain causal-LM loss or self-distillation.
 
-Two entry points share one training loop (``_Trainer``):
+Two entry points share one training loop (``sdmprune.trainer.Trainer``; LoRA set-up in
+``sdmprune.lora``):
 
 * ``finetune(model_or_path, data, out_dir, cfg)`` / ``sdmprune finetune``: fine-tune a (pruned)
   model and write a PEFT adapter dir (LoRA; ``--merge`` adds ``DIR/merged``, a plain model dir) or a
@@ -12,66 +13,49 @@ Two entry points share one training loop (``_Trainer``):
   the model itself with its adapters disabled as the teacher (no second copy).
 * ``recover_masked_(model, keep, tokenizer, data, steps, cfg)``: the one-copy path the pruning
   pipeline runs before slicing. The student is the original weights with the pruned channels
-  masked (a forward pre-hook on each ``down_proj`` multiplies its input by the 0/1 channel mask,
-  so it acts on the LoRA branch too) plus LoRA adapters; the teacher is the same weights with the
-  mask hooks off and ``disable_adapter()``, under no_grad. The LM head and final norm are shared,
-  the teacher contributes only its final hidden states. Peak memory = one model + adapters +
-  optimizer state + activations. At the end the adapters are merged into the base weights in
-  place (``merge_and_unload``) and the hooks removed; slicing the merged model to ``keep`` then
-  equals the masked student with adapters.
+  masked (the package's channel mask hook on each ``down_proj``, models.ChannelMasks, so it acts on
+  the LoRA branch too) plus LoRA adapters; the teacher is the same weights with the mask off and
+  ``disable_adapter()``, under no_grad. The LM head and final norm are shared, the teacher
+  contributes only its final hidden states. Peak memory = one model + adapters + optimizer state +
+  activations. At the end the adapters are merged into the base weights in place
+  (``merge_and_unload``) and the hooks removed; slicing the merged model to ``keep`` then equals the
+  masked student with adapters.
 
-Loss (every path): ``kernels.fused_linear_distill_loss`` on the final hidden states, never the
-logits: ``(1 - alpha) * CE + alpha * KL(softmax(z_t / T) || softmax(z_s))``; plain CE without a
-teacher. Over a step of several micro-batches (grad accumulation) CE is a mean over all the step's
-loss tokens and KL a mean over all its real tokens (token-weighted, as HF Trainer's
-``num_items_in_batch``), so the split into micro-batches does not change the gradient.
-Padding never counts (target -100, kl_mask False); packed records never see each other
-(sdmprune.sft_data). The official recipe (DESIGN section 6) is the default: LoRA r 8, alpha 16,
-dropout 0.05 on q/k/v/o/gate/up/down, AdamW lr 1e-4 with cosine decay and no warm-up, weight decay
-0.05, 2 epochs, 16 sequences per optimizer step, packed to 4096 tokens (capped at the model's
-positions), bf16 on GPU (float32 on CPU).
+The official recipe is the default: LoRA r 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down, AdamW
+lr 1e-4 with cosine decay and no warm-up, weight decay 0.05, 2 epochs, 16 sequences per optimizer
+step, packed to 4096 tokens (capped at the model's positions), bf16 on GPU (float32 on CPU). Packed
+records never see each other (sdmprune.sft_data).
 
-Checkpoints (every ``save_every`` steps, and when interrupted) go to ``<out_dir>.checkpoint/state.pt``
-(written to a temp file and renamed): trainable weights, optimizer, scheduler, step (= the data
-cursor: the order of rows is a pure function of seed and epoch) and RNG states. ``--resume``
-continues from it to the same final weights as an uninterrupted run; the directory is removed once
-the output is written.
+Checkpoints (every ``save_every`` steps, and when interrupted) go to the work folder
+``<out_dir>.checkpoint/`` (sdmprune.run_state): ``--resume`` continues from it to the same final
+weights as an uninterrupted run and refuses one made with other options, data, weights, dtype or
+device kind; the run's files there are removed once the output is written.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InputError
-from .models import find_gated_mlps, find_layer_ops, fused_layer_ops, get_adapter, set_activation_checkpointing
+from .lora import apply_lora, base_storage_pointers, lora_targets, unwrap_peft_attrs
+from .models import ChannelMasks, get_adapter, set_activation_checkpointing
+from .paths import REPORT_NAME, WorkDir, atomic_output_dir, check_output_dir, write_json_atomic
 from .save import package_versions
-from .sft_data import IGNORE_INDEX, Rows, build_rows, check_source, load_records
+from .sft_data import Rows, build_rows, check_source, load_records
+from .trainer import Interrupted, Trainer, self_teacher, separate_teacher, total_steps  # noqa: F401
 
-LORA_TARGETS = {
-    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mlp": ["gate_proj", "up_proj", "down_proj"],
-    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 DEFAULT_SEQ_LEN = 4096
 EFFECTIVE_BATCH = 16
-CHECKPOINT_FILE = "state.pt"
-REPORT_FILE = "sdmprune.json"
-
-# Backend of the fused loss ("auto": Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1).
-# Tests of the training loop pin "torch": the interpreter is for the kernel's own tests.
-LOSS_BACKEND = "auto"
 
 # Test hook: called as hook(model) in recover_masked_ after training, before the merge (masks and
 # adapters still on), so tests can record the masked student's outputs.
@@ -115,6 +99,7 @@ class FinetuneConfig:
     self_samples: int = 64  # --data self: sequences sampled from the unpruned model
     progress: bool = True
     stop_after: Optional[int] = None  # stop after this many steps as if interrupted (tests; checkpoint kept)
+    trust_remote_code: bool = False  # run a model folder's own code (auto_map); only when asked
 
     def micro_and_accum(self):
         accum = self.grad_accum if self.grad_accum is not None else max(1, EFFECTIVE_BATCH // max(1, self.batch_size))
@@ -122,12 +107,8 @@ class FinetuneConfig:
 
     def recipe(self) -> dict:
         # options that change neither the math nor the data order: a run may resume with them changed
-        skip = {"resume", "overwrite", "progress", "stop_after", "device", "offload_activations"}
+        skip = {"resume", "overwrite", "progress", "stop_after", "device", "offload_activations", "trust_remote_code"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-
-
-class Interrupted(RuntimeError):
-    """Training stopped early on purpose (``stop_after``); the checkpoint is kept for --resume."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +132,14 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.grad_accum is None or cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
         (cfg.seq_len is None or cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}"),
         (cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}"),
+        (cfg.eval_windows >= 1, f"--eval-windows must be at least 1, got {cfg.eval_windows}"),
+        (cfg.eval_seq_len >= 2, f"--eval-seq-len must be >= 2, got {cfg.eval_seq_len}"),
+        (cfg.self_samples >= 1, f"--self-samples must be >= 1, got {cfg.self_samples}"),
     ]
+    for name in ("lora_dropout", "alpha", "temperature", "epochs", "lr", "weight_decay", "max_grad_norm"):
+        value = float(getattr(cfg, name))
+        if not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} {value} is not a finite number")
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
@@ -161,38 +149,19 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise InputError("--offload-activations moves the checkpointed layer inputs: it needs --gradient-checkpointing")
     if cfg.merge and cfg.method == "full":
         raise InputError("--merge applies to LoRA adapters; --full already writes a plain model dir")
-    _lora_targets(cfg.targets)
-
-
-def _lora_targets(spec: str) -> List[str]:
-    if spec in LORA_TARGETS:
-        return list(LORA_TARGETS[spec])
-    names = [t.strip() for t in str(spec).split(",") if t.strip()]
-    if not names:
-        raise InputError(f"--targets: no module names in {spec!r}")
-    if "lm_head" in names or "embed_tokens" in names:
-        raise InputError("--targets: LoRA on lm_head/embed_tokens is not supported (the fused loss reads the head weight)")
-    return names
-
-
-def _max_positions(model_or_config) -> Optional[int]:
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "max_position_embeddings", None)
+    lora_targets(cfg.targets)
 
 
 def resolve_seq_len(cfg: FinetuneConfig, model) -> int:  # model or config
     """cfg.seq_len, or min(4096, max positions); past the model's positions is an InputError."""
-    max_pos = _max_positions(model)
+    from .loading import check_positions
+
+    config = getattr(model, "config", model)
+    max_pos = getattr(config, "max_position_embeddings", None)
     if cfg.seq_len is None:
         return min(DEFAULT_SEQ_LEN, max_pos) if max_pos else DEFAULT_SEQ_LEN
-    if max_pos and cfg.seq_len > max_pos:
-        raise InputError(f"--seq-len {cfg.seq_len} is past the model's {max_pos} positions (max_position_embeddings)")
+    check_positions(config, cfg.seq_len)
     return int(cfg.seq_len)
-
-
-def _check_out_dir(out_dir: Path, cfg: FinetuneConfig) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not cfg.overwrite:
-        raise InputError(f"output {out_dir} exists and is not empty (pass --overwrite to replace it)")
 
 
 def checkpoint_dir(out_dir) -> Path:
@@ -205,384 +174,13 @@ def _model_dir_report(spec) -> Optional[dict]:
     if spec is None or not isinstance(spec, (str, os.PathLike)):
         return None
     p = Path(os.path.expanduser(str(spec)))
-    f = p / REPORT_FILE if p.is_dir() else None
+    f = p / REPORT_NAME if p.is_dir() else None
     if f is None or not f.is_file():
         return None
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
         return {"unreadable": str(f)}
-
-
-# ------------------------------------------------------------------------------------------------
-# channel masks (one-copy student)
-
-
-class ChannelMasks:
-    """0/1 channel masks on the input of every ``down_proj`` (= H), switchable on/off.
-
-    Registered on whatever module sits at ``layer.mlp.down_proj`` at install time: under peft that
-    is the LoRA wrapper, so the base matmul and the LoRA branch both see the masked H."""
-
-    def __init__(self, model, keep: Dict[int, torch.Tensor]):
-        # Built before LoRA injection (find_gated_mlps wants plain nn.Linear); install() after it.
-        self.on = True
-        self.handles = []
-        self.layers = get_adapter(model).decoder_layers(model)
-        self.masks = {}
-        for m in find_gated_mlps(model):
-            if m.index not in keep:
-                continue
-            idx = torch.as_tensor(keep[m.index], dtype=torch.long)
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= m.width:
-                raise InputError(f"layer {m.index}: kept channel indices must be in [0, {m.width}) and not empty")
-            dev, dt = m.down.weight.device, m.down.weight.dtype
-            mask = torch.zeros(m.width, dtype=dt, device=dev)
-            mask[idx.to(dev)] = 1
-            self.masks[m.index] = mask
-
-    def install(self) -> "ChannelMasks":
-        """Hook the modules now at layer.mlp.down_proj (the LoRA wrappers once peft injected them)."""
-        self.remove()
-        for i, mask in self.masks.items():
-            self.handles.append(self.layers[i].mlp.down_proj.register_forward_pre_hook(self._hook(mask)))
-        return self
-
-    def _hook(self, mask):
-        def hook(module, args):
-            if not self.on:
-                return None
-            return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
-        return hook
-
-    @contextlib.contextmanager
-    def off(self):
-        prev, self.on = self.on, False
-        try:
-            yield
-        finally:
-            self.on = prev
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def base_storage_pointers(model) -> Dict[str, int]:
-    """{name: data_ptr} of every non-LoRA parameter (to prove no base weight was copied); names as
-    in the plain model (peft's ``.base_layer`` removed)."""
-    return {n.replace(".base_layer", ""): p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
-
-
-# ------------------------------------------------------------------------------------------------
-# LoRA
-
-
-def _apply_lora(model, cfg: FinetuneConfig):
-    from peft import LoraConfig, get_peft_model
-
-    targets = _lora_targets(cfg.targets)
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise InputError(f"--targets: the model has no module named {', '.join(missing)}")
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
-def _unwrap_peft_attrs(model) -> None:
-    # get_peft_model leaves bookkeeping on the wrapped model; a plain save must not carry it.
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in model.__dict__:
-            del model.__dict__[attr]
-
-
-# ------------------------------------------------------------------------------------------------
-# the training loop
-
-
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fused_loss():
-    from .kernels.fused_linear_distill_loss import fused_linear_distill_loss
-
-    return fused_linear_distill_loss
-
-
-class _Trainer:
-    """Optimizer steps over packed rows with the fused loss; optional teacher; checkpoints.
-
-    ``model``: the HF model whose body/head the student runs (LoRA layers injected into it, or all
-    parameters trainable). ``teacher_fn(input_ids, position_ids) -> (h_t [b, L, d], W_t or None)``
-    under no_grad, or None for plain CE."""
-
-    def __init__(self, model, adapter, rows: Rows, cfg: FinetuneConfig, total_steps: int, *,
-                 teacher_fn: Optional[Callable] = None, ckpt_dir: Optional[Path] = None, desc: str = "finetune"):
-        self.model, self.rows, self.cfg = model, rows, cfg
-        self.body = adapter.body(model)
-        self.head = adapter.lm_head(model)
-        self.device = self.head.weight.device
-        self.teacher_fn = teacher_fn
-        self.ckpt_dir = ckpt_dir
-        self.desc = desc
-        self.micro, self.accum = cfg.micro_and_accum()
-        self.eff = self.micro * self.accum
-        self.steps_per_epoch = max(1, math.ceil(len(rows) / self.eff))
-        self.total = int(total_steps)
-        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.params:
-            raise InputError("nothing to train: no parameter requires grad")
-        decay = [p for n, p in self.params if p.ndim >= 2]
-        no_decay = [p for n, p in self.params if p.ndim < 2]  # norms and biases: no weight decay
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        total = self.total
-        # Cosine decay to 0 over all steps, no warm-up (HF get_cosine_schedule_with_warmup(0, total)).
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))))
-        self.step = 0
-        self.history: List[dict] = []
-        self.tokens = 0
-        self.elapsed = 0.0
-        self.activation_offload: Optional[dict] = None  # its counters, with cfg.offload_activations
-        self.fused = _fused_loss()
-        # the norms and the rotary embedding run sdmprune's kernels during a step (models.fused_layer_ops;
-        # the norms keep input and 1/rms instead of float32 copies: about 8 KiB less per token and layer
-        # at d = 2048 without checkpointing); probed once here, not every step
-        self.layer_ops = find_layer_ops(model)
-        # Triton on the GPU; on the CPU the PyTorch forms (the interpreter is for the kernels' own tests)
-        self.layer_backend = "auto" if self.device.type == "cuda" else "torch"
-
-    # data order: a pure function of (seed, epoch), so the step number is the whole data cursor
-    def rows_for_step(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.rows), generator=g)
-        return perm[i * self.eff:(i + 1) * self.eff]
-
-    def cursor(self, step: int) -> dict:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": i, "steps_per_epoch": self.steps_per_epoch}
-
-    def fingerprint(self) -> dict:
-        # Options that do not change the trained weights may differ on resume.
-        free = {"save_every", "eval_ppl", "eval_windows", "eval_seq_len", "merge"}
-        recipe = {k: v for k, v in self.cfg.recipe().items() if k not in free}
-        return {"recipe": recipe, "data": self.rows.description, "total_steps": self.total,
-                "trainable": [n for n, _ in self.params]}
-
-    # ---- checkpoints
-    def save_checkpoint(self) -> None:
-        if self.ckpt_dir is None:
-            return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "step": self.step, "cursor": self.cursor(self.step), "fingerprint": self.fingerprint(),
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.params},
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "rng": _rng_state(self.device), "history": self.history, "tokens": self.tokens,
-            "elapsed": self.elapsed,
-        }
-        tmp = self.ckpt_dir / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_dir / CHECKPOINT_FILE)  # atomic: a crash leaves the previous one
-
-    def load_checkpoint(self) -> bool:
-        f = None if self.ckpt_dir is None else self.ckpt_dir / CHECKPOINT_FILE
-        if f is None or not f.is_file():
-            return False
-        state = torch.load(f, map_location="cpu", weights_only=False)
-        if state["fingerprint"] != self.fingerprint():
-            raise InputError(f"--resume: the checkpoint in {self.ckpt_dir} was made with other options or data "
-                             "(rerun with the same ones, or delete it to start over)")
-        named = dict(self.params)
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                named[n].copy_(t)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.step, self.history = state["step"], state["history"]
-        self.tokens, self.elapsed = state["tokens"], state["elapsed"]
-        _set_rng_state(state["rng"], self.device)
-        return True
-
-    # ---- one optimizer step
-    def _hidden(self, ids, pos):
-        # use_cache=False matters: with a cache, transformers ignores the position-id restarts and
-        # packed records would attend to each other.
-        return self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-
-    def accumulate(self, idx: torch.Tensor) -> tuple:
-        """Forward + backward of the rows ``idx`` (one optimizer step's worth) into .grad; returns
-        floats (loss, ce, kl) of the whole step: CE mean over its loss tokens, KL mean over its
-        real tokens, loss = (1 - alpha) * CE + alpha * KL (plain CE without a teacher)."""
-        cfg, rows = self.cfg, self.rows
-        distill = self.teacher_fn is not None
-        alpha = float(cfg.alpha) if distill else 0.0
-        n_ce = int((rows.targets[idx] != IGNORE_INDEX).sum())
-        n_kl = int(rows.kl_mask[idx].sum()) if distill else 0
-        loss_sum = ce_sum = kl_sum = 0.0
-        for mb in idx.split(self.micro):
-            tgt, klm = rows.targets[mb].reshape(-1), rows.kl_mask[mb].reshape(-1)
-            m_ce = int((tgt != IGNORE_INDEX).sum())
-            m_kl = int(klm.sum()) if distill else 0
-            # Token weighting across micro-batches: weights of this micro-batch's CE and KL means.
-            w_ce = (1.0 - alpha) * m_ce / n_ce if n_ce else 0.0
-            w_kl = alpha * m_kl / n_kl if n_kl else 0.0
-            scale = w_ce + w_kl
-            if scale == 0.0:
-                continue
-            ids = rows.input_ids[mb].to(self.device, non_blocking=True)
-            pos = rows.position_ids[mb].to(self.device, non_blocking=True)
-            # Only rows with a CE target (or a KL term) go through the LM head: prompt tokens of
-            # instruction data cost no head GEMM in plain-CE training.
-            sel = (tgt != IGNORE_INDEX) | klm if distill else (tgt != IGNORE_INDEX)
-            sel_dev = sel.to(self.device)
-            h_t = w_t = None
-            if distill:
-                h_t, w_t = self.teacher_fn(ids, pos)
-                h_t = h_t.reshape(-1, h_t.shape[-1])[sel_dev]
-            h = self._hidden(ids, pos)
-            h = h.reshape(-1, h.shape[-1])[sel_dev]
-            loss, ce, kl = self.fused(
-                h, self.head.weight, tgt[sel].to(self.device), h_t, teacher_weight=w_t,
-                alpha=(w_kl / scale) if distill else 0.0, temperature=cfg.temperature,
-                kl_mask=klm[sel].to(self.device) if distill else None, return_parts=True, backend=LOSS_BACKEND)
-            (loss * scale).backward()
-            loss_sum += float(loss.detach()) * scale
-            ce_sum += float(ce) * (m_ce / n_ce if n_ce else 0.0)
-            kl_sum += float(kl) * (m_kl / n_kl if n_kl else 0.0)
-        return loss_sum, ce_sum, kl_sum
-
-    def train_step(self) -> dict:
-        idx = self.rows_for_step(self.step)
-        distill = self.teacher_fn is not None
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        with fused_layer_ops(self.model, self.layer_backend, self.layer_ops):
-            loss_sum, ce_sum, kl_sum = self.accumulate(idx)
-        cfg, rows = self.cfg, self.rows
-        grad_norm = None
-        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm))
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.step += 1
-        tokens = int(rows.kl_mask[idx].sum())
-        self.tokens += tokens
-        rec = {"step": self.step, "loss": loss_sum, "ce": ce_sum, "lr": lr, "tokens": tokens}
-        if distill:
-            rec["kl"] = kl_sum
-        if grad_norm is not None:
-            rec["grad_norm"] = grad_norm
-        self.history.append(rec)
-        return rec
-
-    def run(self) -> None:
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True,
-                   disable=not cfg.progress, file=sys.stderr)
-        from .activation_offload import maybe_offload_checkpoint_inputs
-
-        try:
-            with maybe_offload_checkpoint_inputs(self.model, cfg.offload_activations) as off:
-                if off is not None:
-                    self.activation_offload = off.stats  # the live counters
-                self._steps(bar)
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
-
-    def _steps(self, bar) -> None:
-        cfg = self.cfg
-        while self.step < self.total:
-            t0 = time.perf_counter()
-            rec = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            rec["seconds"] = round(dt, 4)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens'] / max(dt, 1e-9):.0f}")
-            bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
-                self.save_checkpoint()
-            if cfg.stop_after is not None and self.step >= cfg.stop_after and self.step < self.total:
-                self.save_checkpoint()
-                raise Interrupted(f"stopped after {self.step} steps (stop_after)")
-
-    def stats(self) -> dict:
-        losses = [h["loss"] for h in self.history]
-        out = {"steps": self.step, "total_steps": self.total, "micro_batch": self.micro,
-               "grad_accum": self.accum, "effective_batch": self.eff, "tokens": self.tokens,
-               "seconds": round(self.elapsed, 3),
-               "tokens_per_s": round(self.tokens / self.elapsed, 2) if self.elapsed else None,
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "losses": self.history}
-        if self.activation_offload is not None:
-            out["activation_offload"] = dict(self.activation_offload)
-        if self.device.type == "cuda":
-            out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
-        return out
-
-
-def _total_steps(cfg: FinetuneConfig, n_rows: int, steps: Optional[int] = None) -> int:
-    if steps is not None:
-        return int(steps)
-    if cfg.max_steps:
-        return int(cfg.max_steps)
-    micro, accum = cfg.micro_and_accum()
-    return max(1, math.ceil(cfg.epochs * math.ceil(n_rows / (micro * accum))))
-
-
-def _self_teacher(model, peft_model, adapter, masks: Optional[ChannelMasks] = None):
-    """Teacher = the same weights, adapters disabled (and channel masks off): no second copy."""
-    body = adapter.body(model)
-
-    def teacher(ids, pos):
-        was_training = model.training
-        model.eval()  # no dropout in the teacher pass
-        try:
-            with torch.no_grad(), peft_model.disable_adapter(), (masks.off() if masks else contextlib.nullcontext()):
-                h = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-        finally:
-            model.train(was_training)
-        return h, None  # None: the LM head is shared
-
-    return teacher
-
-
-def _separate_teacher(teacher_model):
-    adapter = get_adapter(teacher_model)
-    body, w_t = adapter.body(teacher_model), adapter.lm_head(teacher_model).weight
-
-    def teacher(ids, pos):
-        with torch.no_grad():
-            h = body(input_ids=ids.to(w_t.device), position_ids=pos.to(w_t.device), use_cache=False).last_hidden_state
-        return h.to(ids.device), w_t
-
-    return teacher
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,14 +235,14 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     t0 = time.perf_counter()
     adapter = get_adapter(model)
     masks = ChannelMasks(model, keep)
-    peft_model = _apply_lora(model, cfg)
+    peft_model = apply_lora(model, cfg)
     masks.install()
     during = None
     try:
         if cfg.gradient_checkpointing:
             set_activation_checkpointing(model, True)
-        teacher = _self_teacher(model, peft_model, adapter, masks) if cfg.alpha > 0 else None
-        trainer = _Trainer(model, adapter, rows, cfg, int(steps), teacher_fn=teacher, desc="recover")
+        teacher = self_teacher(model, peft_model, adapter, masks) if cfg.alpha > 0 else None
+        trainer = Trainer(model, adapter, rows, cfg, int(steps), teacher_fn=teacher, desc="recover")
         during = base_storage_pointers(model)
         trainer.run()
         stats = trainer.stats()
@@ -657,7 +255,7 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
             set_activation_checkpointing(model, False)
     merged = peft_model.merge_and_unload()  # adds B @ A * scale into the base weights in place
     assert merged is model
-    _unwrap_peft_attrs(model)
+    unwrap_peft_attrs(model)
     for n, p in model.named_parameters():
         p.requires_grad_(requires.get(n, p.requires_grad))
     model.eval()
@@ -665,7 +263,7 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     stats.update({
         "method": "lora+mask (one copy)", "distill": cfg.alpha > 0, "alpha": cfg.alpha,
         "temperature": cfg.temperature, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout, "targets": _lora_targets(cfg.targets), "lr": cfg.lr,
+        "lora_dropout": cfg.lora_dropout, "targets": lora_targets(cfg.targets), "lr": cfg.lr,
         "seq_len": seq_len, "data": rows.description, "merged": True,
         "base_storage_unchanged": before == after and (during is None or {k: during[k] for k in before} == before),
         "wall_seconds": round(time.perf_counter() - t0, 3),
@@ -714,26 +312,28 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
 
     cfg = cfg or FinetuneConfig()
     _validate(cfg)
-    out_dir = Path(os.path.expanduser(str(out_dir)))
-    if not cfg.resume:
-        _check_out_dir(out_dir, cfg)
-    elif out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
+    is_module = isinstance(model_or_path, nn.Module)
+    model_spec = None if is_module else str(model_or_path)
+    inputs = [model_spec, cfg.teacher, None if str(data) == "self" else str(data)]
+    out_dir = Path(os.path.abspath(os.path.expanduser(str(out_dir)))) if str(out_dir).strip() else out_dir
+    if cfg.resume and Path(out_dir).is_dir() and any(Path(out_dir).iterdir()) and not cfg.overwrite:
         raise InputError(f"output {out_dir} is already complete (nothing to resume; --overwrite to redo)")
+    out_dir = check_output_dir(out_dir, cfg.overwrite, inputs=inputs)
+    work = WorkDir(checkpoint_dir(out_dir), given=False)
     device = resolve_device(cfg.device)
     dtype = default_dtype(cfg.dtype, device)
 
     # 1. cheap validation before loading weights
-    is_module = isinstance(model_or_path, nn.Module)
-    model_spec = None if is_module else str(model_or_path)
-    src = None if is_module else resolve_model(model_spec)
+    src = None if is_module else resolve_model(model_spec, trust_remote_code=cfg.trust_remote_code)
     base_report = _model_dir_report(model_spec)
     if cfg.distill and teacher is None and cfg.teacher is None:
         if base_report is not None:
-            raise InputError(f"--distill: {model_spec} is a pruned model (it has {REPORT_FILE}); "
+            raise InputError(f"--distill: {model_spec} is a pruned model (it has {REPORT_NAME}); "
                              "pass --teacher ORIG (the unpruned model) to distill from")
         if cfg.method == "full":
             raise InputError("--distill --full needs --teacher ORIG (a frozen copy of the original weights)")
-    t_src = resolve_model(str(cfg.teacher)) if (cfg.distill and teacher is None and cfg.teacher) else None
+    t_src = (resolve_model(str(cfg.teacher), trust_remote_code=cfg.trust_remote_code)
+             if (cfg.distill and teacher is None and cfg.teacher) else None)
     if t_src is not None and src is not None:
         sc, tc = src.config, t_src.config
         _check_teacher_shapes(sc, tc)
@@ -775,7 +375,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     adapter = get_adapter(model)  # before LoRA injection (the adapter matches plain nn.Linear MLPs)
     peft_model = None
     if cfg.method == "lora":
-        peft_model = _apply_lora(model, cfg)
+        peft_model = apply_lora(model, cfg)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -783,10 +383,10 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
         set_activation_checkpointing(model, True)
     teacher_fn = None
     if cfg.distill:
-        teacher_fn = _separate_teacher(teacher_model) if teacher_model is not None else _self_teacher(model, peft_model, adapter)
-    total = _total_steps(cfg, len(rows))
-    ckpt = checkpoint_dir(out_dir)
-    trainer = _Trainer(model, adapter, rows, cfg, total, teacher_fn=teacher_fn, ckpt_dir=ckpt)
+        teacher_fn = separate_teacher(teacher_model) if teacher_model is not None else self_teacher(model, peft_model, adapter)
+    total = total_steps(cfg, len(rows))
+    trainer = Trainer(model, adapter, rows, cfg, total, teacher_fn=teacher_fn, work=work)
+    ckpt = work.path
     resumed_from = None
     if cfg.resume:
         if trainer.load_checkpoint():
@@ -816,17 +416,14 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
         "teacher_kind": (("separate model" if teacher_model is not None else "self (adapters disabled)")
                          if cfg.distill else None),
         "recipe": {**cfg.recipe(), "seq_len": seq_len, "dtype": dtype,
-                   "targets_resolved": _lora_targets(cfg.targets) if cfg.method == "lora" else "all parameters"},
+                   "targets_resolved": lora_targets(cfg.targets) if cfg.method == "lora" else "all parameters"},
         "data": rows.description, "resumed_from_step": resumed_from,
         "training": stats, "timings": {"load_and_data_seconds": round(load_seconds, 3), "train_seconds": stats["seconds"]},
         "eval_ppl": evals or None,
         "device": str(device), "versions": package_versions(), "pruned_from": base_report,
     }
-    _write_output(model, peft_model, tokenizer, out_dir, report, cfg)
-    if ckpt.exists():
-        import shutil
-
-        shutil.rmtree(ckpt, ignore_errors=True)
+    _write_output(model, peft_model, tokenizer, out_dir, report, cfg, inputs)
+    trainer.state.cleanup()
     return report
 
 
@@ -842,6 +439,7 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, max_windows: Optional[
     """Perplexity over consecutive windows of ``tokens`` (1-D), through the fused CE
     (sdmprune.evaluate.evaluate_perplexity; it also runs on a LoRA-wrapped model)."""
     from .evaluate import evaluate_perplexity
+    from .trainer import LOSS_BACKEND  # read at call time: tests pin it
 
     ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, max_windows=max_windows, backend=LOSS_BACKEND)
     return {"perplexity": float(ppl), "nll": ppl.nll, "windows": ppl.windows, "seq_len": seq_len, "tokens": ppl.tokens}
@@ -851,20 +449,21 @@ def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
     from .data import eval_token_stream
 
     if tokens is None:
-        tokens, desc = eval_token_stream(cfg.eval_ppl, tokenizer, model=model, max_tokens=cfg.eval_windows * cfg.eval_seq_len,
+        tokens, desc = eval_token_stream(cfg.eval_ppl, tokenizer, model=model, seed=cfg.seed,
+                                         max_tokens=cfg.eval_windows * cfg.eval_seq_len,
                                          seq_len=cfg.eval_seq_len)
     out = perplexity(model, tokens, cfg.eval_seq_len, cfg.eval_windows)
     out["source"] = str(cfg.eval_ppl)
     return out, tokens
 
 
-def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg: FinetuneConfig) -> None:
+def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg: FinetuneConfig,
+                  inputs: Sequence) -> None:
     from .loading import drop_gguf_quantizer
-    from .save import atomic_output_dir, write_json_atomic
 
     drop_gguf_quantizer(model)
 
-    with atomic_output_dir(out_dir, overwrite=cfg.overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         tmp = Path(tmp)
         if peft_model is not None:
             peft_model.save_pretrained(str(tmp))
@@ -873,91 +472,17 @@ def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg
             report["output"] = {"adapter": str(out_dir)}
             if cfg.merge:
                 merged = peft_model.merge_and_unload()
-                _unwrap_peft_attrs(merged)
+                unwrap_peft_attrs(merged)
                 merged.save_pretrained(str(tmp / "merged"))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp / "merged"))
                 report["output"]["merged"] = str(out_dir / "merged")
-                write_json_atomic(str(tmp / "merged" / REPORT_FILE), report)
+                write_json_atomic(str(tmp / "merged" / REPORT_NAME), report)
         else:
             model.save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
             report["output"] = {"model": str(out_dir)}
-        write_json_atomic(str(tmp / REPORT_FILE), report)
+        write_json_atomic(str(tmp / REPORT_NAME), report)
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = FinetuneConfig()
-    p.add_argument("model", help="the (pruned) model: HF dir or id, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--data", required=True, help="jsonl/json/parquet instruction records, a text file, or 'self'")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--lora", action="store_true", help="LoRA adapters (default)")
-    p.add_argument("--full", action="store_true", help="full fine-tuning of every parameter")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--targets", default=d.targets, help="all | mlp | attn | comma list (q_proj,v_proj,...)")
-    p.add_argument("--distill", action="store_true", help="add KL(teacher || student) to the loss")
-    p.add_argument("--teacher", default=None, help="the unpruned model to distill from (needed for a pruned model)")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the KL term (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="on the teacher logits")
-    p.add_argument("--epochs", type=float, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 16 // batch size)")
-    p.add_argument("--seq-len", type=int, default=None, help="packed sequence length (default min(4096, max positions))")
-    p.add_argument("--no-packing", action="store_true", help="one record per sequence (padded)")
-    p.add_argument("--eval-ppl", default=None, help="perplexity on this source before and after")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows)
-    p.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len)
-    p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K steps")
-    p.add_argument("--merge", action="store_true", help="also write OUT/merged (adapters merged, plain model)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="with --gradient-checkpointing: keep the checkpointed layer inputs in pinned host memory "
-                        "between forward and backward (longer sequences or larger batches in the same memory)")
-    p.add_argument("--self-samples", type=int, default=d.self_samples, help="--data self: sequences to sample")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args) -> FinetuneConfig:
-    if args.lora and args.full:
-        raise InputError("--lora and --full exclude each other")
-    return FinetuneConfig(
-        method="full" if args.full else "lora", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, targets=args.targets, distill=args.distill, teacher=args.teacher,
-        alpha=args.alpha, temperature=args.temperature, epochs=args.epochs, max_steps=args.max_steps,
-        lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
-        packing=not args.no_packing, eval_ppl=args.eval_ppl, eval_windows=args.eval_windows,
-        eval_seq_len=args.eval_seq_len, resume=args.resume, merge=args.merge, device=args.device,
-        dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, save_every=args.save_every,
-        gradient_checkpointing=args.gradient_checkpointing, offload_activations=args.offload_activations,
-        self_samples=args.self_samples,
-        progress=not args.no_progress)
-
-
-def run(args) -> int:
-    cfg = config_from_args(args)
-    report = finetune(args.model, args.data, args.out, cfg)
-    tr = report["training"]
-    line = (f"finetune: {tr['steps']} steps, {tr['tokens']} tokens, loss {tr['first_loss']:.4f} -> "
-            f"{tr['last_loss']:.4f}, {tr['seconds']:.1f} s -> {args.out}")
-    if report.get("eval_ppl"):
-        e = report["eval_ppl"]
-        line += f"; ppl {e.get('before', {}).get('perplexity', '?')} -> {e.get('after', {}).get('perplexity', '?')}"
-    print(line)
-    return 0

@@ -3,7 +3,8 @@
 ``save_pruned`` writes, into a temporary directory beside ``out_dir`` that is renamed into place only
 when everything is written: the safetensors weights and ``config.json`` (``save_pretrained``), the
 tokenizer files (when given) and ``sdmprune.json`` (the pruning report). An exception at any point
-leaves no ``out_dir`` (and an existing one untouched). ``atomic_output_dir`` is the reusable part.
+leaves no ``out_dir`` (and an existing one untouched); an existing ``out_dir`` is replaced only when it
+is an earlier output of the package (``sdmprune.paths``, the ownership rule).
 
 Uniform widths load with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``. Non-uniform widths
 (``prune_model_(..., allow_nonuniform=True)``) carry ``sdmprune_intermediate_sizes`` in config.json and
@@ -13,133 +14,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .paths import REPORT_NAME, WRITTEN_BY, atomic_output_dir, atomic_write_file, check_output_file, write_json_atomic
 
-__all__ = ["save_pruned", "load_pruned", "atomic_output_dir", "write_json_atomic", "REPORT_NAME"]
+__all__ = ["save_pruned", "load_pruned", "save_scores", "REPORT_NAME"]
 
-REPORT_NAME = "sdmprune.json"
 PathLike = Union[str, os.PathLike]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output directory {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out_dir``; on success it becomes ``out_dir``.
-
-    Refuses (InputError, before anything is written) an existing non-empty ``out_dir`` unless
-    ``overwrite``, and a path that is a file. On an exception in the body the temporary directory is
-    removed and ``out_dir`` is left as it was. On success an existing ``out_dir`` is moved aside,
-    the temporary directory renamed to ``out_dir`` (same filesystem: atomic), then the old one removed.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _check_target(out, overwrite)  # someone may have filled it meanwhile
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "d", out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, (Path, torch.dtype, torch.device)):
-        return str(obj)
-    if hasattr(obj, "tolist") and getattr(obj, "ndim", 0) > 0:  # numpy arrays
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same dir, fsync, rename).
-
-    Tensors/numpy values become lists or numbers, paths and dtypes strings; NaN/inf are written as
-    null-free JSON strings "NaN"/"Infinity"/"-Infinity" so that strict readers accept the file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def fix(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return "NaN" if math.isnan(o) else ("Infinity" if o > 0 else "-Infinity")
-        if isinstance(o, dict):
-            return {str(k): fix(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [fix(v) for v in o]
-        return o
-
-    text = json.dumps(fix(json.loads(json.dumps(obj, default=_jsonable))), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dict, overwrite: bool = False) -> Path:
+def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dict, overwrite: bool = False,
+                inputs: Sequence[Optional[PathLike]] = ()) -> Path:
     """Write the pruned model (safetensors + config), the tokenizer (if not None) and ``sdmprune.json``.
 
-    Atomic (see ``atomic_output_dir``); InputError for a non-empty ``out_dir`` unless ``overwrite``.
-    Returns the output directory.
+    Atomic (see ``sdmprune.paths.atomic_output_dir``); InputError for an existing output that is not an
+    earlier output of the package, or one that is without ``overwrite``; ``inputs``: paths the output may
+    not replace (the input model...). Returns the output directory.
     """
     if not isinstance(report, dict):
         raise InputError(f"report must be a dict, got {type(report).__name__}")
@@ -147,7 +43,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dic
         if p.device.type == "meta":
             raise InputError("cannot save a model with weights on the meta device (offloaded): load them first")
     out = Path(out_dir).expanduser().absolute()
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -234,6 +130,25 @@ def load_pruned(path: PathLike, dtype: Optional[torch.dtype] = None, device: Uni
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
+
+
+def save_scores(path: PathLike, result, overwrite: bool = False) -> None:
+    """safetensors of a PruneResult: scores.{l}, keep.{l} (final) and stage1.scores.{l}, stage1.keep.{l};
+    atomic, marked as the package's (so ``overwrite`` may replace it later)."""
+    from safetensors.torch import save_file
+
+    path = check_output_file(path, overwrite, flag="--save-scores")
+    tensors = {}  # copies: a one-stage method's stage-1 scores are its final scores (one tensor)
+    for k in result.keep:
+        tensors[f"scores.{k}"] = result.scores[k].detach().float().clone()
+        tensors[f"keep.{k}"] = result.keep[k].detach().long().clone()
+        if result.stage1_scores is not None:
+            tensors[f"stage1.scores.{k}"] = result.stage1_scores[k].detach().float().clone()
+        if result.stage1_keep is not None:
+            tensors[f"stage1.keep.{k}"] = result.stage1_keep[k].detach().long().clone()
+    meta = {"method": str(result.stats.get("method", "")), "width": str(result.width), WRITTEN_BY: "sdmprune prune"}
+    with atomic_write_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def package_versions() -> dict:

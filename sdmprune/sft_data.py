@@ -31,6 +31,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .data import read_text_file
 from .errors import InputError
 
 IGNORE_INDEX = -100
@@ -76,8 +77,11 @@ def _read_instruction_file(path: Path) -> List[dict]:
             import pyarrow.parquet as pq
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise InputError(f"data file {str(path)!r} is not a readable parquet file ({type(exc).__name__})") from None
+    text = read_text_file(str(path), "data")
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -93,7 +97,7 @@ def _read_instruction_file(path: Path) -> List[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            raise InputError(f"data file {str(path)!r}: line {n} is not valid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{path}:{n}: expected a JSON object per line")
         records.append(obj)
@@ -181,7 +185,7 @@ def check_source(src) -> None:
             raise InputError(f"data {src}: no records")
         for n, obj in enumerate(raw, 1):
             _to_messages(obj, f"{path} record {n}")
-    elif not path.read_text(encoding="utf-8", errors="replace").strip():
+    elif not read_text_file(str(path), "data").strip():
         raise InputError(f"data {src}: file has no text")
 
 
@@ -242,7 +246,7 @@ def load_records(src, tokenizer, seq_len: int, *, self_model=None, self_samples:
         records = instruction_records(path, tokenizer)
         kind = "instruction records (loss on responses)"
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(str(path), "data")
         if not text.strip():
             raise InputError(f"data {src}: file has no text")
         records = text_records(text, tokenizer, seq_len, where=f"data {src}")

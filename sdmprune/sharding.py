@@ -25,7 +25,7 @@ from .errors import InputError
 from .models import get_adapter
 
 
-def _require_process_group() -> None:
+def require_process_group() -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -34,6 +34,14 @@ def _require_process_group() -> None:
             "(torchrun --nproc_per_node N -m sdmprune prune ... --shard fsdp) or call "
             "torch.distributed.init_process_group before prune_model"
         )
+
+
+def shard_device() -> torch.device:
+    """The device FSDP2 shards live on: the current GPU under NCCL, the CPU under gloo."""
+    backend = str(torch.distributed.get_backend()).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -48,7 +56,7 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     initialized process group (InputError otherwise). The model must already be on its device
     (``cuda`` with NCCL, ``cpu`` with gloo).
     """
-    _require_process_group()
+    require_process_group()
     if is_sharded(model):
         return model
     from torch.distributed.fsdp import fully_shard

@@ -93,6 +93,8 @@ def plan_width(model: nn.Module, ratio: Optional[float] = None, width: Optional[
         target = int(width)
         if target != width or not (1 <= target <= I):
             raise InputError(f"width {width} is outside [1, {I}] (the current MLP width)")
+        if target == I:
+            raise InputError(f"width {width} is the current MLP width: it removes nothing (give a smaller width)")
     rounding = None
     if round_to:
         m = int(round_to)
@@ -109,10 +111,3 @@ def plan_width(model: nn.Module, ratio: Optional[float] = None, width: Optional[
                      params_before=P, params_after=after, requested_ratio=ratio,
                      achieved_ratio=(P - after) / P, rounding=rounding)
 
-
-def meta_model_from_config(config) -> nn.Module:
-    """Build ``config``'s causal-LM on the meta device (no memory, no weights) for planning/validation."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)

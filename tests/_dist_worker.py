@@ -21,7 +21,7 @@ import torch.distributed as tdist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_model  # noqa: E402
 
-from sdmprune import distributed, pipeline  # noqa: E402
+from sdmprune import distributed, pipeline, taylor  # noqa: E402
 from sdmprune.errors import InputError  # noqa: E402
 from sdmprune.importance import TaylorImportance  # noqa: E402
 from sdmprune.models import find_gated_mlps, get_adapter  # noqa: E402
@@ -129,14 +129,14 @@ def cli_level(result, workdir):
                 raise Stop
 
         out = os.path.join(workdir, "cli-resumed")
-        pipeline._after_batch_hook = stop
+        taylor._after_batch_hook = stop
         try:
             main(cli_args(workdir, out))
             result["cli_interrupted"] = False
         except Stop:
             result["cli_interrupted"] = True
         finally:
-            pipeline._after_batch_hook = None
+            taylor._after_batch_hook = None
         tdist.barrier()
         result["cli_work_after_interrupt"] = sorted(os.listdir(out + ".sdmprune-work"))
         result["cli_out_after_interrupt"] = os.path.exists(out)

@@ -12,7 +12,8 @@ from sdmprune.data import calibration_windows, eval_token_stream, resolve_source
 from sdmprune.errors import InputError
 from sdmprune.evaluate import evaluate_perplexity
 from sdmprune.models import count_parameters
-from sdmprune.plan import meta_model_from_config, plan_width, width_for_ratio
+from sdmprune.models import meta_model_from_config
+from sdmprune.widths import plan_width, width_for_ratio
 
 
 # ----------------------------------------------------------------------------------------- plan

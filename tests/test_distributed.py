@@ -176,8 +176,8 @@ def test_cli_two_ranks(launches, single_process_cli, workdir):
     assert r["cli_plain_rc"] == 0 and r["cli_resume_rc"] == 0 and r["cli_fsdp_rc"] == 0
     assert_same_cli_output(out_dir("cli-plain"), single_process_cli, scores=True)
     assert r["cli_interrupted"] and not r["cli_out_after_interrupt"]
-    assert r["cli_work_after_interrupt"] == ["state-rank0.pt", "state-rank1.pt", "teacher-rank0.bin",
-                                             "teacher-rank1.bin"]
+    assert r["cli_work_after_interrupt"] == ["sdmprune-state-rank0.pt", "sdmprune-state-rank1.pt",
+                                             "sdmprune-teacher-rank0.bin", "sdmprune-teacher-rank1.bin"]
     resumed = assert_same_cli_output(out_dir("cli-resumed"), single_process_cli)
     assert resumed["stats"]["resumed_from"] == {"stage": 2, "batch": 1}
     fsdp = assert_same_cli_output(out_dir("cli-fsdp"), single_process_cli)

@@ -12,7 +12,7 @@ from sdmprune.memory import (BUILTIN_SHAPES, GiB, largest_batch, parse_size, pre
 
 
 def test_builtin_parameter_counts_match_published():
-    assert BUILTIN_SHAPES["llama-3.2-1b"].parameters == 1_235_814_400  # DESIGN section 1
+    assert BUILTIN_SHAPES["llama-3.2-1b"].parameters == 1_235_814_400  # Llama-3.2-1B's published count
     assert BUILTIN_SHAPES["llama-3.1-8b"].parameters == 8_030_261_248
 
 
@@ -22,6 +22,11 @@ def test_shape_of_hf_config_counts_like_the_model():
 
     for tie in (False, True):
         assert shape_of(tiny_config(tie=tie)).parameters == count_parameters(tiny_model(tie=tie))
+    # qwen2's attention biases: counted on the model, as the width plan counts them
+    qwen = tiny_model("qwen2")
+    shape = shape_of(tiny_config("qwen2"))
+    assert shape.parameters == count_parameters(qwen)
+    assert shape.layer_parameters == count_parameters(qwen.model.layers[0])
 
 
 def test_prediction_terms_and_modes():
@@ -100,7 +105,7 @@ def test_plan_cli_builtin_and_errors(capsys):
     assert "needs gradient checkpointing" in capsys.readouterr().err
     assert cli.main(["plan", "/no/such/model/dir"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no such file" in err
+    assert err.count("\n") == 1 and "does not exist" in err
     assert cli.main(["plan", "llama-3.2-1b", "--max-memory", "lots"]) == 2
 
 

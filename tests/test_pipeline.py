@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sdmprune import pipeline
+from sdmprune import passes, pipeline, taylor
 from sdmprune.errors import InputError
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 from sdmprune.models import find_gated_mlps
-from sdmprune.pipeline import PruneConfig, prune_model, top_channels
+from sdmprune.methods import top_channels
+from sdmprune.pipeline import PruneConfig, prune_model
 
 
 def calib(n=4, L=16, vocab=300, seed=0):
@@ -195,7 +196,7 @@ def test_gradient_pass_runs_the_fused_norms_and_restores_them(monkeypatch):
     def during(stage_no, done):
         seen.append([type(m).__name__ for m in model.modules() if "forward" in m.__dict__ and "Norm" in type(m).__name__])
 
-    monkeypatch.setattr(pipeline, "_after_batch_hook", during)
+    monkeypatch.setattr(taylor, "_after_batch_hook", during)
     prune_model(model, calib(2, 10), PruneConfig(width=100, stage1_keep=0.9, engine="torch", batch_size=2,
                                                  progress=False))
     assert len(seen) == 2 and all(s == ["LlamaRMSNorm"] * 5 for s in seen)  # 2 layers x 2 + the final norm
@@ -206,9 +207,9 @@ def test_stage_timer_waits_for_the_device(monkeypatch):
     """The fused loop never waits on the GPU: a stage's time is read after a device synchronize."""
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    t = pipeline._seconds_since(0.0, torch.device("cuda", 0))
+    t = passes.seconds_since(0.0, torch.device("cuda", 0))
     assert calls == [torch.device("cuda", 0)] and t > 0
-    pipeline._seconds_since(0.0, torch.device("cpu"))
+    passes.seconds_since(0.0, torch.device("cpu"))
     assert len(calls) == 1
 
 
@@ -234,11 +235,11 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, stop_at):
         if (stage, done) == stop_at:
             raise Stop
 
-    monkeypatch.setattr(pipeline, "_after_batch_hook", hook)
+    monkeypatch.setattr(taylor, "_after_batch_hook", hook)
     model = tiny_model("llama", seed=6)
     with pytest.raises(Stop):
         prune_model(model, x, cfg, checkpoint_dir=str(tmp_path / "ck"))
-    monkeypatch.setattr(pipeline, "_after_batch_hook", None)
+    monkeypatch.setattr(taylor, "_after_batch_hook", None)
     assert all(m.width == 160 for m in find_gated_mlps(model))  # nothing sliced on interruption
     resumed = prune_model(model, x, cfg, checkpoint_dir=str(tmp_path / "ck"), resume=True)
     assert resumed.stats["resumed_from"] == {"stage": stop_at[0], "batch": stop_at[1]}
@@ -248,7 +249,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, stop_at):
         assert torch.equal(full.scores[layer], resumed.scores[layer])
         assert torch.equal(full.stage1_scores[layer], resumed.stage1_scores[layer])
     # a checkpoint of a different run is refused
-    with pytest.raises(InputError, match="different run"):
+    with pytest.raises(InputError, match=r"--alpha 0.4 \(now 0.3\)"):
         prune_model(tiny_model("llama", seed=6), x, cfg, checkpoint_dir=str(tmp_path / "ck"), resume=True, alpha=0.3)
 
 

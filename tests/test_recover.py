@@ -14,7 +14,7 @@ import torch
 
 from conftest import tiny_model
 
-from sdmprune import cli, recover
+from sdmprune import cli, lora, recover, trainer
 from sdmprune.models import find_gated_mlps, get_adapter
 from sdmprune.recover import FinetuneConfig
 from sdmprune.sft_data import IGNORE_INDEX, Record, build_rows, load_records
@@ -31,7 +31,7 @@ def _torch_loss_backend(request, monkeypatch):
     """Training-loop tests run the fused loss's PyTorch path (the Triton interpreter is far too slow
     for whole runs; the kernel has its own tests); the float64 check runs the default backend."""
     if "float64" not in request.node.name:
-        monkeypatch.setattr(recover, "LOSS_BACKEND", "torch")
+        monkeypatch.setattr(trainer, "LOSS_BACKEND", "torch")
 
 
 def char_tokenizer(chat_template=None):
@@ -159,15 +159,15 @@ def test_distill_loss_and_adapter_grads_match_float64_reference(tmp_path):
     model = tiny_model("llama", seed=5)
     adapter = get_adapter(model)
     torch.manual_seed(1)
-    peft_model = recover._apply_lora(model, cfg)
+    peft_model = lora.apply_lora(model, cfg)
     with torch.no_grad():  # lora_B is zero at init: make the student differ from the teacher
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    trainer = recover._Trainer(model, adapter, rows, cfg, 1, teacher_fn=recover._self_teacher(model, peft_model, adapter))
+    loop = trainer.Trainer(model, adapter, rows, cfg, 1, teacher_fn=trainer.self_teacher(model, peft_model, adapter))
     idx = torch.arange(len(rows))
     model.train()
-    loss, ce, kl = trainer.accumulate(idx)
+    loss, ce, kl = loop.accumulate(idx)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g.abs().sum() > 0 for g in grads.values())
 
@@ -260,7 +260,7 @@ def test_resume_equals_uninterrupted(tmp_path, model_dir, text_file):
     b = tmp_path / "b"
     with pytest.raises(recover.Interrupted):
         recover.finetune(str(model_dir), str(text_file), b, fast_cfg(stop_after=3, **cfg))
-    assert not b.exists() and (recover.checkpoint_dir(b) / "state.pt").is_file()
+    assert not b.exists() and (recover.checkpoint_dir(b) / trainer.CHECKPOINT_FILE).is_file()
     rep = recover.finetune(str(model_dir), str(text_file), b, fast_cfg(resume=True, **cfg))
     assert rep["resumed_from_step"] == 3
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
@@ -270,22 +270,38 @@ def test_resume_equals_uninterrupted(tmp_path, model_dir, text_file):
     assert [h["loss"] for h in la] == [h["loss"] for h in lb]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_offloaded_activations_train_the_same(tmp_path, model_dir, text_file, method):
+def test_offloaded_activations_train_the_same(tmp_path, model_dir, text_file, method, device, monkeypatch):
     """--offload-activations (with checkpointing) changes where the layer inputs wait, not the numbers:
     the same losses and weights as the checkpointed run without it, every input out and back once,
     the last one of each forward prefetched before backward. LoRA distils from itself (adapters off: the
     teacher's no-grad forward runs through the same hooked body before the student's); full fine-tuning
-    from a separate teacher model."""
-    from safetensors.torch import load_file
+    from a separate teacher model. The device and dtype are pinned (the defaults pick CUDA and bf16 on a
+    GPU host); on CUDA the tiny model's layer inputs (32 KiB) are under the 1 MiB offload threshold, so
+    the test lowers it through the module's own knob to offload them through pinned memory too."""
+    import contextlib
 
+    from safetensors.torch import load_file
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sdmprune import activation_offload
+
+    attention = contextlib.nullcontext
+    if device == "cuda":
+        monkeypatch.setattr(activation_offload, "DEFAULT_MIN_BYTES", 0)
+        # float32 SDPA on CUDA picks the memory-efficient kernel, whose backward may add in any order:
+        # the math backend keeps the two runs comparable bit for bit
+        attention = lambda: sdpa_kernel(SDPBackend.MATH)  # noqa: E731 - a fresh context per run
     cfg = dict(method=method, distill=True, max_steps=3, gradient_checkpointing=True, lr=1e-2, dtype="fp32",
-               teacher=None if method == "lora" else str(model_dir))
+               device=device, teacher=None if method == "lora" else str(model_dir))
     reps, weights = [], []
     for offload in (False, True):
         out = tmp_path / f"out{int(offload)}"
-        reps.append(recover.finetune(str(model_dir), str(text_file), out,
-                                     fast_cfg(offload_activations=offload, **cfg)))
+        with attention():
+            reps.append(recover.finetune(str(model_dir), str(text_file), out,
+                                         fast_cfg(offload_activations=offload, **cfg)))
         name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
         weights.append(load_file(out / name))
     assert [h["loss"] for h in reps[0]["training"]["losses"]] == [h["loss"] for h in reps[1]["training"]["losses"]]
@@ -309,10 +325,10 @@ def test_recover_masked_one_copy(monkeypatch):
     g = torch.Generator().manual_seed(0)
     keep = {m.index: torch.randperm(96, generator=g)[:56].sort().values for m in find_gated_mlps(model)}
     tokens = torch.randint(4, 300, (8, 32), generator=g)
-    before = recover.base_storage_pointers(model)
+    before = lora.base_storage_pointers(model)
 
     seen = {"teacher_calls": 0}
-    real_teacher = recover._self_teacher
+    real_teacher = recover.self_teacher
 
     def spy_teacher(model_, peft_model, adapter, masks=None):
         fn = real_teacher(model_, peft_model, adapter, masks)
@@ -325,7 +341,7 @@ def test_recover_masked_one_copy(monkeypatch):
             # (models.fused_layer_ops), so equal up to float32 rounding
             torch.testing.assert_close(h, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
             assert w is None  # shared LM head
-            now = recover.base_storage_pointers(model_)
+            now = lora.base_storage_pointers(model_)
             assert {k: now[k] for k in before} == before  # LoRA wrapping copied no base weight
             norms = [m for m in model_.modules() if type(m).__name__.endswith("RMSNorm")]
             assert norms and all("forward" in m.__dict__ for m in norms)  # swapped during the step
@@ -338,12 +354,12 @@ def test_recover_masked_one_copy(monkeypatch):
     def record_student(m):
         with torch.no_grad():
             seen["student"] = m(input_ids=probe, use_cache=False).logits.clone()
-    monkeypatch.setattr(recover, "_self_teacher", spy_teacher)
+    monkeypatch.setattr(recover, "self_teacher", spy_teacher)
     monkeypatch.setattr(recover, "_before_merge_hook", record_student)
     cfg = FinetuneConfig(lr=5e-3, batch_size=2, grad_accum=2, alpha=0.5, temperature=1.0, progress=False)
     stats = recover.recover_masked_(model, keep, None, tokens, 3, cfg)
     assert stats["steps"] == 3 and seen["teacher_calls"] == 3 * 2 and stats["base_storage_unchanged"]
-    assert recover.base_storage_pointers(model) == before
+    assert lora.base_storage_pointers(model) == before
     assert not any("forward" in m.__dict__ for m in model.modules())  # the norms' own forwards are back
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert all(not h for m in find_gated_mlps(model) for h in [m.down._forward_pre_hooks])

@@ -15,7 +15,8 @@ from torch import nn
 from conftest import tiny_config, tiny_model
 from sdmprune.errors import InputError
 from sdmprune.models import count_parameters, find_gated_mlps
-from sdmprune.save import atomic_output_dir, load_pruned, save_pruned, write_json_atomic
+from sdmprune.paths import MANIFEST, atomic_output_dir, is_package_output, write_json_atomic
+from sdmprune.save import load_pruned, save_pruned
 from sdmprune.slicing import prune_mlp_, prune_model_, reclaim_memory
 
 WIDTH = 160
@@ -163,24 +164,31 @@ def test_reclaim_memory_after_slicing():
     assert torch.equal(logits(model, ids), y)
 
 
-def test_save_refuses_non_empty_dir_and_overwrites_on_request(tmp_path):
+def test_save_replaces_only_an_earlier_output(tmp_path):
     model = tiny_model("llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(InputError, match="not empty"):
-        save_pruned(model, None, out, {})
+    for overwrite in (False, True):  # a folder of the user's is never replaced
+        with pytest.raises(InputError, match="not written by sdmprune"):
+            save_pruned(model, None, out, {}, overwrite=overwrite)
     assert os.listdir(out) == ["keep.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="not a directory"):
+    with pytest.raises(InputError, match="is a file"):
         save_pruned(model, None, tmp_path / "file", {})
-    save_pruned(model, None, out, {"v": 1}, overwrite=True)
-    assert "keep.txt" not in os.listdir(out) and json.loads((out / "sdmprune.json").read_text()) == {"v": 1}
+    earlier = tmp_path / "earlier"
+    save_pruned(model, None, earlier, {"v": 0})
+    with pytest.raises(InputError, match="--overwrite"):
+        save_pruned(model, None, earlier, {"v": 1})
+    save_pruned(model, None, earlier, {"v": 1}, overwrite=True)
+    assert json.loads((earlier / "sdmprune.json").read_text()) == {"v": 1}
     empty = tmp_path / "empty"
     empty.mkdir()
     save_pruned(model, None, empty, {})  # an existing empty directory is fine
     assert "config.json" in os.listdir(empty)
-    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "out"]
+    with pytest.raises(InputError, match="input"):  # never over the model it was loaded from
+        save_pruned(model, None, earlier, {}, overwrite=True, inputs=[earlier])
+    assert sorted(os.listdir(tmp_path)) == ["earlier", "empty", "file", "out"]
 
 
 def test_exception_mid_save_leaves_nothing(tmp_path, monkeypatch):
@@ -191,17 +199,17 @@ def test_exception_mid_save_leaves_nothing(tmp_path, monkeypatch):
         real(path, **kw)  # weights already written...
         raise OSError("disk full")  # ...then the save dies
 
+    save_pruned(model, None, tmp_path / "old", {"v": "old"})
+    before = sorted(os.listdir(tmp_path / "old"))
     monkeypatch.setattr(model, "save_pretrained", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pruned(model, None, tmp_path / "new", {})
-    assert os.listdir(tmp_path) == []
-    # An existing directory being overwritten survives a failed save unchanged.
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "a.txt").write_text("a")
+    assert os.listdir(tmp_path) == ["old"]
+    # An earlier output being overwritten survives a failed save unchanged.
     with pytest.raises(OSError, match="disk full"):
-        save_pruned(model, None, old, {}, overwrite=True)
-    assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["a.txt"]
+        save_pruned(model, None, tmp_path / "old", {}, overwrite=True)
+    assert os.listdir(tmp_path) == ["old"] and sorted(os.listdir(tmp_path / "old")) == before
+    assert json.loads((tmp_path / "old" / "sdmprune.json").read_text()) == {"v": "old"}
 
 
 def test_atomic_output_dir_and_write_json_atomic(tmp_path):
@@ -210,6 +218,8 @@ def test_atomic_output_dir_and_write_json_atomic(tmp_path):
         write_json_atomic(tmp / "r.json", {"x": torch.tensor(3), "inf": float("inf"), "p": tmp_path})
     data = json.loads((tmp_path / "a" / "b" / "r.json").read_text())
     assert data == {"x": 3, "inf": "Infinity", "p": str(tmp_path)}
+    assert json.loads((tmp_path / "a" / "b" / MANIFEST).read_text()) == ["r.json"]
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "bad.json", {"o": object()})
     assert not (tmp_path / "bad.json").exists() and os.listdir(tmp_path) == ["a"]
+    assert is_package_output(tmp_path / "a" / "b") and not is_package_output(tmp_path / "a")

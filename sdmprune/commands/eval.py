@@ -1,0 +1,77 @@
+"""``sdmprune eval``: perplexity on a data source and lm-eval tasks of one model, optionally as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import InputError
+from .common import at_least, device_options, model_argument, progress_option, warn_remote_code
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model_argument(p, "the model to evaluate")
+    p.add_argument("--ppl", metavar="SRC", help="perplexity source: wikitext2, c4, a local file, a .pt, or self")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.json/.parquet records")
+    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window in tokens")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs sdmprune[eval])")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows (or lm-eval requests) per forward")
+    device_options(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of 'self' evaluation text (the same text as prune/finetune with this --seed)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json when it is an earlier sdmprune result")
+    progress_option(p)
+
+
+def run(args) -> int:
+    from ..data import resolve_source
+    from ..evaluate import lm_eval_available
+    from ..loading import check_positions, default_dtype, resolve_device, resolve_model
+    from ..paths import check_output_file
+
+    if not args.ppl and not args.tasks:
+        raise InputError("nothing to evaluate: give --ppl SRC and/or --tasks")
+    at_least(args.seq_len, 2, "--seq-len")
+    at_least(args.max_windows, 1, "--max-windows")
+    at_least(args.batch_size, 1, "--batch-size")
+    if args.limit is not None and not args.limit > 0:
+        raise InputError(f"--limit must be positive (got {args.limit})")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if tasks and not lm_eval_available():
+        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    json_path = None
+    if args.json:
+        inputs = [args.model] + ([args.ppl] if args.ppl and args.ppl != "self" else [])
+        json_path = check_output_file(args.json, args.overwrite, flag="--json", inputs=inputs)
+    spec = resolve_source(args.ppl, "perplexity", args.text_field) if args.ppl else None
+    device = resolve_device(args.device)
+    source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    if spec is not None:
+        check_positions(source.config, args.seq_len)
+    warn_remote_code(args)
+    results = run_eval(args, source, spec, tasks, default_dtype(args.dtype, device))
+    if json_path is not None:
+        from ..paths import write_json_atomic
+
+        write_json_atomic(json_path, results, written_by="sdmprune eval")
+    return 0
+
+
+def run_eval(args, source, spec, tasks, dtype) -> dict:
+    """Load the model and evaluate it (the checked arguments of ``run``)."""
+    from ..evaluate import evaluate_tasks, perplexity_on_source
+    from ..loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source)
+    results = {"model": args.model}
+    if spec is not None:
+        ppl, _, desc = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows, args.batch_size,
+                                            seed=args.seed, progress=not args.no_progress)
+        results["perplexity"] = {**ppl.to_dict(), "data": desc}
+        print(f"perplexity ({spec.raw}, {ppl.windows} windows of {args.seq_len}, {ppl.backend}): {float(ppl):.4f}")
+    if tasks:
+        results["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+        print(json.dumps(results["tasks"], indent=2, default=str))
+    return results

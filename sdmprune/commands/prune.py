@@ -1,0 +1,332 @@
+"""``sdmprune prune``: check everything, load, calibrate, (evaluate), prune, (evaluate), save.
+
+Every check that needs no weights runs first (``check_prune_arguments``): the method, the numbers,
+the device, the output paths under the ownership rule (sdmprune.paths), the data sources, the model's
+config and the width plan. Only then is the model loaded. Under torchrun each rank scores its shard
+of the samples and rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .. import distributed as dist
+from ..errors import InputError
+from ..methods import ENGINES, get_method
+from .common import at_least, device_options, import_plugins, model_argument, progress_option, warn_remote_code
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model_argument(p, "the model to prune")
+    p.add_argument("--out", required=True, help="output folder: a Hugging Face model folder, written atomically")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="fraction of ALL parameters to remove, e.g. 0.2")
+    g.add_argument("--width", type=int, help="MLP width to keep in every layer")
+    p.add_argument("--method", default="sdmprune",
+                   help="sdmprune, taylor, wanda-sp, magnitude, random, or a method a --plugin registers")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (a module name or a .py file) first; it registers methods with "
+                        "sdmprune.register_method (repeatable)")
+    p.add_argument("--calib", default="self", metavar="SRC",
+                   help="calibration: c4, wikitext2, a .txt/.jsonl/.json/.parquet file or folder, a .pt of "
+                        "token ids [n, L], or self (sampled from the model; offline)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl/.json/.parquet records")
+    p.add_argument("--samples", type=int, default=1024, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window")
+    p.add_argument("--alpha", type=float, default=0.4, help="weight of the KL term in stage 2 (sdmprune)")
+    p.add_argument("--temperature", type=float, default=0.2, help="on the teacher logits in stage 2 (sdmprune)")
+    p.add_argument("--stage1-keep", type=float, default=0.975,
+                   help="fraction of the channels stage 1 keeps (sdmprune)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per backward pass per GPU (default 1)")
+    p.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="GPU memory budget, e.g. 18GiB: the batch size becomes the largest that the memory model "
+                        "(sdmprune plan) predicts to fit per GPU")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="gradient methods: fused (Triton), torch, reference (the official loop); auto: fused on "
+                        "CUDA, else torch")
+    device_options(p)
+    p.add_argument("--seed", type=int, default=0, help="calibration windows, 'self' text and the random method")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep every layer's activations (faster, more memory)")
+    p.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS",
+                   help="token rows per chunk of the fused loss (smaller: less scratch, V*10 bytes a row; "
+                        "default: a 768 MiB plan)")
+    p.add_argument("--round-to", type=int, default=None, metavar="M",
+                   help="round the width down to a multiple of M (off by default, as in the paper)")
+    p.add_argument("--save-scores", metavar="PATH", help="also write per-layer scores and kept indices (safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same arguments)")
+    p.add_argument("--checkpoint-every", type=int, default=16, help="batches between resume checkpoints")
+    p.add_argument("--work-dir", default=None,
+                   help="resume state and teacher cache (default: OUT.sdmprune-work); a folder you name is kept, "
+                        "only the run's own files are removed from it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT when it is an earlier sdmprune output (never a folder holding anything else)")
+    p.add_argument("--eval-ppl", metavar="SRC", help="perplexity before and after pruning on SRC")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
+    progress_option(p)
+    p.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                   help="after selection, N steps of distilled LoRA recovery on the masked model (one weight "
+                        "copy; the adapters are merged before slicing)")
+    p.add_argument("--recover-data", metavar="SRC", default=None,
+                   help="recovery data (instruction .jsonl/.parquet, .txt, or self); default: the calibration windows")
+    p.add_argument("--recover-seq-len", type=int, default=None, help="recovery sequence length (default: --seq-len)")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="recovery learning rate")
+    p.add_argument("--shard", choices=["fsdp"], default=None,
+                   help="FSDP2-shard the decoder layers over the ranks of a torchrun launch (each GPU holds 1/N)")
+    p.add_argument("--offload", choices=["cpu"], default=None,
+                   help="keep the decoder layers in host memory and stream them to --device (small GPUs)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the checkpointed layer inputs in pinned host memory between forward and backward "
+                        "(larger batches in the same memory); with --recover-steps the recovery steps do too")
+
+
+@dataclass
+class PruneJob:
+    """A checked ``prune`` command: everything ``run`` needs, found before any weight is loaded."""
+
+    cfg: Any
+    out: str
+    device: Any
+    dtype: str
+    calib: Any
+    eval_spec: Any
+    source: Any
+    plan: Any
+    work: Any
+    scores_path: Optional[str]
+    budget: Optional[dict]
+
+
+def check_prune_arguments(args) -> PruneJob:
+    """Every check that needs no model weights, in the order a user would fix them."""
+    from ..data import resolve_source
+    from ..loading import check_positions, default_dtype, resolve_device, resolve_model
+    from ..memory import batch_size_for_memory
+    from ..models import meta_model_from_config
+    from ..paths import WorkDir, check_output_dir, check_output_file
+    from ..pipeline import PruneConfig
+    from ..widths import plan_width
+
+    import_plugins(args.plugin)
+    method = get_method(args.method)
+    at_least(args.samples, 1, "--samples")
+    at_least(args.seq_len, 2, "--seq-len")
+    at_least(args.eval_seq_len, 2, "--eval-seq-len")
+    at_least(args.eval_windows, 1, "--eval-windows")
+    at_least(args.recover_seq_len, 2, "--recover-seq-len")
+    device = dist.rank_device(resolve_device(args.device))
+    dtype = default_dtype(args.dtype, device)
+    cfg = PruneConfig(ratio=args.ratio, width=args.width, alpha=args.alpha, temperature=args.temperature,
+                      stage1_keep=args.stage1_keep, method=args.method, engine=args.engine,
+                      batch_size=1 if args.batch_size is None else args.batch_size,
+                      gradient_checkpointing=not args.no_gradient_checkpointing, loss_token_chunk=args.loss_chunk,
+                      seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
+                      progress=not args.no_progress, shard=args.shard, offload=args.offload,
+                      offload_device=str(device) if args.offload else None,
+                      offload_activations=args.offload_activations, **_recovery_options(args)).validate()
+    if cfg.shard == "fsdp":
+        from ..sharding import require_process_group
+
+        require_process_group()
+    if dist.world_size() > args.samples and method.needs_calibration:
+        raise InputError(f"{dist.world_size()} ranks but only {args.samples} calibration samples "
+                         "(--samples): every rank needs at least one")
+
+    # outputs: the ownership rule, before anything is read or loaded
+    data_inputs = [s for s in (args.calib, args.eval_ppl, args.recover_data) if s and s != "self"]
+    out = str(check_output_dir(args.out, args.overwrite, inputs=[args.model, *data_inputs, args.work_dir]))
+    scores_path = None
+    if args.save_scores:
+        scores_path = str(check_output_file(args.save_scores, args.overwrite, flag="--save-scores",
+                                            inputs=[args.model, *data_inputs]))
+    work = None
+    if method.gradient and cfg.engine != "reference":
+        given = args.work_dir is not None
+        work = WorkDir(args.work_dir if given else out.rstrip(os.sep) + ".sdmprune-work", given=given)
+        if str(work.path) == out or str(work.path).startswith(out + os.sep):
+            raise InputError(f"--work-dir {str(work.path)!r} lies inside --out; name a folder beside it")
+
+    # data sources (local files are read and checked here) and the model's config
+    calib = resolve_source(args.calib, "calibration", args.text_field) if method.needs_calibration else None
+    eval_spec = resolve_source(args.eval_ppl, "evaluation", args.text_field) if args.eval_ppl else None
+    source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    if method.needs_calibration:
+        check_positions(source.config, args.seq_len)
+    if eval_spec is not None:
+        check_positions(source.config, args.eval_seq_len or args.seq_len, "--eval-seq-len"
+                        if args.eval_seq_len else "--seq-len")
+    plan = plan_width(meta_model_from_config(source.config, args.trust_remote_code), cfg.ratio, cfg.width,
+                      cfg.round_to)
+    budget = None
+    if args.max_memory is not None:
+        if not method.gradient:
+            raise InputError(f"--max-memory sizes the batch of the gradient passes; method {cfg.method!r} has none")
+        if args.batch_size is not None:
+            raise InputError("--batch-size and --max-memory exclude each other (--max-memory picks the batch size)")
+        from ..taylor import resolve_engine
+
+        engine, _ = resolve_engine(cfg.engine, device, method)
+        cfg.batch_size, budget = batch_size_for_memory(source.config, cfg, engine, args.seq_len, args.max_memory,
+                                                       args.samples, dtype)
+    return PruneJob(cfg, out, device, dtype, calib, eval_spec, source, plan, work, scores_path, budget)
+
+
+def _recovery_options(args) -> dict:
+    """PruneConfig fields for ``--recover-steps`` (recovery data defaults to the calibration windows,
+    filled in once they exist)."""
+    steps = int(args.recover_steps or 0)
+    if steps <= 0:
+        if steps < 0:
+            raise InputError(f"--recover-steps {steps} must be >= 0")
+        return {}
+    from ..recover import FinetuneConfig
+
+    data = args.recover_data
+    if data is None and not get_method(args.method).needs_calibration:
+        raise InputError(f"--recover-steps with method {args.method!r} needs --recover-data (it has no calibration data)")
+    if data is not None and data != "self" and not os.path.exists(data):
+        raise InputError(f"--recover-data {data!r}: no such file or directory")
+    # --offload-activations carries over: the recovery steps checkpoint their layers and offload the inputs too
+    offload = bool(args.offload_activations)
+    rcfg = FinetuneConfig(lr=args.recover_lr, seq_len=args.recover_seq_len or args.seq_len, seed=args.seed,
+                          progress=not args.no_progress, gradient_checkpointing=offload, offload_activations=offload)
+    return {"recover_steps": steps, "recover_data": data if data is not None else "calibration",
+            "recover_config": rcfg}
+
+
+def _calibrate(job: PruneJob, args, tokenizer, model, report: dict):
+    """The calibration windows [n, L] (the same on every rank: rank 0's), described in ``report``."""
+    from ..data import calibration_windows
+
+    t0 = time.perf_counter()
+    tokens, desc = calibration_windows(job.calib, tokenizer, args.samples, args.seq_len, seed=args.seed, model=model)
+    # every rank shards the SAME samples: rank 0's (sampling "self" on different GPUs may differ)
+    tokens = dist.broadcast_from_main(tokens)
+    desc["seconds"] = round(time.perf_counter() - t0, 2)
+    report["calibration"] = desc
+    return tokens
+
+
+def run(args) -> int:
+    from ..loading import resolve_device
+
+    initialized = dist.init_torchrun(resolve_device(args.device))
+    try:
+        return _run(args)
+    finally:
+        if initialized:
+            import torch
+
+            torch.distributed.destroy_process_group()
+
+
+def _run(args) -> int:
+    from ..evaluate import perplexity_on_source
+    from ..loading import load_model, load_tokenizer
+    from ..offload import maybe_stream_layers
+    from ..pipeline import prune_model
+    from ..save import package_versions, save_pruned, save_scores
+
+    job = check_prune_arguments(args)
+    warn_remote_code(args)
+    cfg, plan, device, source = job.cfg, job.plan, job.device, job.source
+    main = dist.is_main_process()
+    args.resume_hint = job.work  # cli: "rerun with --resume" only once this holds a checkpoint
+
+    def say(msg):
+        if main:
+            print(msg, file=sys.stderr, flush=True)
+
+    report: dict = {"model": args.model, "model_source": source.describe(), "method": cfg.method,
+                    "config": cfg.to_dict(), "dtype": job.dtype, "versions": package_versions()}
+    if job.budget is not None:
+        report["batch_size_from_max_memory"] = job.budget
+    # text calibration needs only the tokenizer: windows first, so a text too short fails before the load
+    tokenizer = load_tokenizer(source)
+    tokens = None
+    if job.calib is not None and job.calib.kind != "self":
+        tokens = _calibrate(job, args, tokenizer, None, report)
+    say(f"plan: width {plan.original_width} -> {plan.width} in {plan.num_layers} layers, "
+        f"params {plan.params_before:,} -> {plan.params_after:,} ({plan.achieved_ratio:.2%} removed)"
+        + (f"; rounded to a multiple of {plan.rounding['multiple']} (was {plan.rounding['width_before']})"
+           if plan.rounding else ""))
+    if job.budget is not None:
+        say(f"batch size {job.budget['batch_size']}: the largest predicted to fit {job.budget['max_memory']} per GPU "
+            f"({job.budget['predicted_peak_bytes'] / 2**30:.2f} GiB predicted; sdmprune plan shows the parts)")
+    t0 = time.perf_counter()
+    # under --shard/--offload the weights load into host memory: FSDP2 moves 1/N of every layer to the
+    # GPU, the streamer copies layers in as they run
+    where = "cpu" if (cfg.shard or cfg.offload) else str(device)
+    model, _ = load_model(args.model, dtype=job.dtype, device=where, source=source, tokenizer=tokenizer)
+    say(f"loaded {source.describe()} ({job.dtype}, {where}) in {time.perf_counter() - t0:.1f}s"
+        + (f"; {dist.world_size()} ranks" if dist.world_size() > 1 else "")
+        + (f"; --shard {cfg.shard}" if cfg.shard else "")
+        + (f"; --offload {cfg.offload} to {device}" if cfg.offload else ""))
+    streaming = bool(cfg.shard or cfg.offload)  # forward-only work then streams the layers through the GPU
+    if job.calib is not None and tokens is None:  # "self": sampled from the model
+        with maybe_stream_layers(model, device, streaming):
+            tokens = _calibrate(job, args, tokenizer, model, report)
+    if tokens is not None:
+        say(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {job.calib.describe()} "
+            f"({report['calibration']['seconds']}s)")
+    ev_len = args.eval_seq_len or args.seq_len
+    ev_tokens = None
+    progress = not args.no_progress
+    if job.eval_spec is not None:  # every rank (keeps the ranks in step; only rank 0 reports)
+        with maybe_stream_layers(model, device, streaming):
+            ppl, ev_tokens, ev_desc = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows,
+                                                           seed=args.seed, progress=progress and main)
+        report["eval"] = {"data": ev_desc, "before": ppl.to_dict()}
+        say(f"perplexity before: {float(ppl):.3f} ({job.eval_spec.describe()}; {ppl.windows} windows of {ev_len}, "
+            f"{ppl.backend})")
+    if cfg.recover_data == "calibration":  # --recover-steps without --recover-data: the calibration windows
+        cfg.recover_data = tokens
+    result = prune_model(model, tokens, cfg, checkpoint_dir=job.work, resume=args.resume, tokenizer=tokenizer)
+    st = result.stats
+    say(f"pruned: params {st['params_before']:,} -> {st['params_after']:,} "
+        f"({1 - st['params_after'] / st['params_before']:.2%} removed) in {st['time_s']['total']:.1f}s, "
+        f"engine {st['engine']}")
+    if job.eval_spec is not None and main:  # only rank 0 reports it
+        with maybe_stream_layers(model, device, streaming):
+            ppl = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows, tokens=ev_tokens,
+                                       progress=progress)[0]
+        report["eval"]["after"] = ppl.to_dict()
+        say(f"perplexity after: {float(ppl):.3f}")
+    report.update({
+        "plan": plan.to_dict(), "width": result.width,
+        "widths": {str(k): int(v.numel()) for k, v in result.keep.items()},
+        "kept_indices": {str(k): v.tolist() for k, v in result.keep.items()},
+        "stage1_kept_indices": ({str(k): v.tolist() for k, v in result.stage1_keep.items()}
+                                if result.stage1_keep is not None else None),
+        "params_before": st["params_before"], "params_after": st["params_after"], "stats": st,
+    })
+    if main:
+        data_inputs = [s for s in (args.calib, args.eval_ppl, args.recover_data) if s and s != "self"]
+        save_pruned(model, tokenizer, job.out, report, overwrite=args.overwrite,
+                    inputs=[args.model, *data_inputs, args.work_dir])
+        if job.scores_path:
+            save_scores(job.scores_path, result, overwrite=args.overwrite)
+        say(f"saved {job.out}" + (f" and {job.scores_path}" if job.scores_path else ""))
+        line = (f"summary: parameters {st['params_before']:,} -> {st['params_after']:,} "
+                f"({1 - st['params_after'] / st['params_before']:.2%} removed; MLP width {plan.original_width} -> "
+                f"{result.width})")
+        if job.eval_spec is not None:
+            ev = report["eval"]
+            line += (f"; perplexity {ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f} on "
+                     f"{job.eval_spec.describe()} ({ev['after']['windows']} windows of {ev_len} tokens)")
+        say(line)
+    if job.work is not None:
+        dist.barrier()  # every rank's state files are done with before any is removed
+        job.work.cleanup()
+    if main:  # the machine-readable result line (stdout)
+        print(json.dumps({"out": job.out, "params_before": st["params_before"], "params_after": st["params_after"],
+                          "width": result.width,
+                          **({"ppl_before": report["eval"]["before"]["perplexity"],
+                              "ppl_after": report["eval"]["after"]["perplexity"]} if job.eval_spec is not None else {})}))
+    return 0

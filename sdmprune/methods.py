@@ -1,0 +1,217 @@
+"""Pruning methods: one registry, every method one entry of one shape.
+
+An entry (``Method``) says what the method needs and holds one scoring call::
+
+    select(run: ScoringRun) -> Selection      # keep / scores per layer, in the ORIGINAL channel numbering
+
+``ScoringRun`` is what the pipeline hands every method: the model, the calibration tokens [n, L] (or
+None), the ``PruneConfig``, the width plan and where and how the gradient passes run. A ``Selection``
+holds the kept channels of every gated MLP, the scores the final choice ranked and, for two-stage
+methods, the stage-1 keep and scores.
+
+Built-in entries:
+
+=========== =============== ========= ==========================================================
+method      calibration     gradient  what it scores
+=========== =============== ========= ==========================================================
+sdmprune    yes             yes       stage 1 CE Taylor, stage 2 self-distillation Taylor (sdmprune.taylor)
+taylor      yes             yes       CE Taylor, one stage (LLM-Pruner style)
+wanda-sp    yes             no        sum_j |W_down[j, c]| * ||H[:, c]||_2 over the calibration tokens
+magnitude   no              no        ||W_gate[c]|| + ||W_up[c]|| + ||W_down[:, c]||
+random      no              no        seeded uniform scores
+=========== =============== ========= ==========================================================
+
+Users add their own with ``register_method(name, score_fn, needs_calibration=True)``;
+``score_fn(model, calib_tokens, config)`` returns one float tensor [I] per gated MLP in layer order
+(higher = keep). The pipeline then plans the width, keeps the top channels, slices and reports exactly
+as for a built-in method.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import InputError, SdmpruneError
+from .models import find_gated_mlps
+
+__all__ = ["Method", "ScoringRun", "Selection", "register_method", "unregister_method", "get_method",
+           "available_methods", "top_channels", "selection_from_scores"]
+
+# engines of the gradient methods; "auto" resolves to "fused" on CUDA, else "torch"
+ENGINES = ("auto", "fused", "torch", "reference")
+
+
+@dataclass
+class Selection:
+    """What a method chose. ``keep``: {layer: sorted int64 kept channels}; ``scores``: {layer: float32 [I]}
+    the scores the final choice ranked (channels an earlier stage removed are -inf); ``stage1_*`` for
+    two-stage methods. All in the original channel numbering, on the CPU."""
+
+    keep: Dict[int, torch.Tensor]
+    scores: Dict[int, torch.Tensor]
+    stage1_keep: Optional[Dict[int, torch.Tensor]] = None
+    stage1_scores: Optional[Dict[int, torch.Tensor]] = None
+
+
+@dataclass
+class ScoringRun:
+    """Everything a method's ``select`` may use. ``engine``/``backend``: the resolved engine of a gradient
+    method ("fused"/"torch"/"reference", backend "triton"/"torch"; "none" otherwise); ``state``: the resume
+    state (sdmprune.run_state.RunState) or None; ``resume``: continue from it; ``stats``: the run's stats
+    dict, where methods record timings."""
+
+    model: torch.nn.Module
+    tokens: Optional[torch.Tensor]
+    config: Any
+    plan: Any
+    device: torch.device
+    engine: str = "none"
+    backend: str = "none"
+    state: Any = None
+    resume: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry. ``gradient``: the method runs gradient passes, so the engine choice, batching,
+    checkpointing, resume, ``--max-memory``, ``--shard``, ``--offload`` and ``--offload-activations``
+    apply to it; ``engines``: the engines it runs on; ``resumable``: the engines that checkpoint."""
+
+    name: str
+    select: Callable[[ScoringRun], Selection]
+    needs_calibration: bool = True
+    gradient: bool = False
+    engines: Tuple[str, ...] = ()
+    resumable: Tuple[str, ...] = ()
+    description: str = ""
+    builtin: bool = False
+
+
+_REGISTRY: Dict[str, Method] = {}
+
+
+def _add(method: Method) -> None:
+    if not isinstance(method.name, str) or not method.name.strip() or method.name != method.name.strip():
+        raise InputError(f"a method name must be a non-empty string without surrounding spaces, got {method.name!r}")
+    if method.name in _REGISTRY:
+        raise InputError(f"a method named {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+
+
+def register_method(name: str, score_fn: Callable, *, needs_calibration: bool = True) -> None:
+    """Register ``score_fn(model, calib_tokens, config) -> list of float tensors [I]`` (one per gated MLP
+    in layer order, higher = keep) as method ``name``. ``needs_calibration=False``: the method runs
+    without calibration tokens (``calib_tokens`` is then None)."""
+    if not callable(score_fn):
+        raise InputError(f"register_method({name!r}, ...): score_fn must be callable")
+
+    def select(run: ScoringRun) -> Selection:
+        scores = score_fn(run.model, run.tokens, run.config)
+        return selection_from_scores(_layer_scores(name, run.model, scores), run.plan.width)
+
+    _add(Method(name, select, needs_calibration=bool(needs_calibration), description=f"registered: {score_fn!r}"))
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method registered with ``register_method`` (built-in methods stay)."""
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise InputError(f"no method named {name!r} is registered")
+    if method.builtin:
+        raise InputError(f"{name!r} is a built-in method")
+    del _REGISTRY[name]
+
+
+def get_method(name: str) -> Method:
+    """The registry entry ``name``; InputError naming the known methods otherwise."""
+    method = _REGISTRY.get(name)
+    if method is None:
+        raise InputError(f"unknown method {name!r} (one of {', '.join(available_methods())}; "
+                         "register your own with sdmprune.register_method or --plugin)")
+    return method
+
+
+def available_methods() -> List[str]:
+    return list(_REGISTRY)
+
+
+# ------------------------------------------------------------------------------------ selection
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, sorted ascending (ties: the lower index wins)."""
+    s = scores.detach().float().cpu()
+    if torch.isnan(s).any():
+        raise SdmpruneError("channel scores contain NaN (the loss or the model produced non-finite values)")
+    order = torch.argsort(s, descending=True, stable=True)[:k]
+    return order.sort().values
+
+
+def selection_from_scores(scores: Dict[int, torch.Tensor], width: int) -> Selection:
+    """Keep the top ``width`` channels of every layer's scores."""
+    scores = {k: v.detach().float().cpu() for k, v in scores.items()}
+    return Selection(keep={k: top_channels(v, width) for k, v in scores.items()}, scores=scores)
+
+
+def _layer_scores(name: str, model, scores: Any) -> Dict[int, torch.Tensor]:
+    """Check a registered method's return value: one float tensor [I] per gated MLP, in layer order."""
+    mlps = find_gated_mlps(model)
+    if not isinstance(scores, (list, tuple)):
+        raise SdmpruneError(f"method {name!r} returned {type(scores).__name__}; it must return a list of float "
+                            f"tensors, one score tensor per gated MLP ({len(mlps)})")
+    if len(scores) != len(mlps):
+        raise SdmpruneError(f"method {name!r} returned {len(scores)} tensors; it must return one score tensor per "
+                            f"gated MLP ({len(mlps)})")
+    out = {}
+    for m, s in zip(mlps, scores):
+        s = torch.as_tensor(s)
+        if s.shape != (m.width,) or not (s.is_floating_point()):
+            raise SdmpruneError(f"method {name!r}: layer {m.index} scores have shape {tuple(s.shape)} and dtype "
+                                f"{s.dtype}; expected a float tensor of shape ({m.width},)")
+        if torch.isnan(s).any():
+            raise SdmpruneError(f"method {name!r}: layer {m.index} scores contain NaN")
+        out[m.index] = s.detach().float().cpu()
+    return out
+
+
+# ------------------------------------------------------------------------------------ built-ins
+def _taylor_select(two_stage: bool):
+    def select(run: ScoringRun) -> Selection:
+        from .taylor import taylor_selection
+
+        return taylor_selection(run, two_stage=two_stage)
+
+    return select
+
+
+def _baseline_select(kind: str):
+    def select(run: ScoringRun) -> Selection:
+        from .baselines import baseline_scores
+
+        return selection_from_scores(baseline_scores(kind, run), run.plan.width)
+
+    return select
+
+
+for _m in (
+    Method("sdmprune", _taylor_select(True), needs_calibration=True, gradient=True,
+           engines=("fused", "torch", "reference"), resumable=("fused", "torch"), builtin=True,
+           description="two-stage self-distillation Taylor (CE, then (1-alpha) CE + alpha KL against the original)"),
+    Method("taylor", _taylor_select(False), needs_calibration=True, gradient=True,
+           engines=("fused", "torch", "reference"), resumable=("fused", "torch"), builtin=True,
+           description="one-stage CE Taylor"),
+    Method("wanda-sp", _baseline_select("wanda-sp"), needs_calibration=True, builtin=True,
+           description="sum_j |W_down[j, c]| * ||H[:, c]||_2 over the calibration tokens"),
+    Method("magnitude", _baseline_select("magnitude"), needs_calibration=False, builtin=True,
+           description="||W_gate[c]|| + ||W_up[c]|| + ||W_down[:, c]||"),
+    Method("random", _baseline_select("random"), needs_calibration=False, builtin=True,
+           description="seeded uniform scores"),
+):
+    _add(_m)
+del _m
+
+
+def gradient_method_names() -> Sequence[str]:
+    """The registered methods that run gradient passes (for messages)."""
+    return [n for n, m in _REGISTRY.items() if m.gradient]
