@@ -16,6 +16,8 @@ method      calibration     gradient  what it scores
 =========== =============== ========= ==========================================================
 sdmprune    yes             yes       stage 1 CE Taylor, stage 2 self-distillation Taylor (sdmprune.taylor)
 taylor      yes             yes       CE Taylor, one stage (LLM-Pruner style)
+hfprune     yes             yes       label-free: sum_t |H[t, c] * dL/dH[t, c]| at each down_proj input H,
+                                      L = each sample's mean entropy of its own next-token distribution
 wanda-sp    yes             no        sum_j |W_down[j, c]| * ||H[:, c]||_2 over the calibration tokens
 magnitude   no              no        ||W_gate[c]|| + ||W_up[c]|| + ||W_down[:, c]||
 random      no              no        seeded uniform scores
@@ -176,11 +178,11 @@ def _layer_scores(name: str, model, scores: Any) -> Dict[int, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------ built-ins
-def _taylor_select(two_stage: bool):
+def _taylor_select(objective: str):
     def select(run: ScoringRun) -> Selection:
         from .taylor import taylor_selection
 
-        return taylor_selection(run, two_stage=two_stage)
+        return taylor_selection(run, objective)
 
     return select
 
@@ -195,12 +197,15 @@ def _baseline_select(kind: str):
 
 
 for _m in (
-    Method("sdmprune", _taylor_select(True), needs_calibration=True, gradient=True,
+    Method("sdmprune", _taylor_select("sdmprune"), needs_calibration=True, gradient=True,
            engines=("fused", "torch", "reference"), resumable=("fused", "torch"), builtin=True,
            description="two-stage self-distillation Taylor (CE, then (1-alpha) CE + alpha KL against the original)"),
-    Method("taylor", _taylor_select(False), needs_calibration=True, gradient=True,
+    Method("taylor", _taylor_select("taylor"), needs_calibration=True, gradient=True,
            engines=("fused", "torch", "reference"), resumable=("fused", "torch"), builtin=True,
            description="one-stage CE Taylor"),
+    Method("hfprune", _taylor_select("hfprune"), needs_calibration=True, gradient=True,
+           engines=("fused", "torch", "reference"), resumable=("fused", "torch"), builtin=True,
+           description="label-free: activation Taylor sum_t |H * dL/dH| of each sample's mean entropy"),
     Method("wanda-sp", _baseline_select("wanda-sp"), needs_calibration=True, builtin=True,
            description="sum_j |W_down[j, c]| * ||H[:, c]||_2 over the calibration tokens"),
     Method("magnitude", _baseline_select("magnitude"), needs_calibration=False, builtin=True,

@@ -1,14 +1,16 @@
 """Taylor importance over calibration batches: the engines of the gradient methods.
 
-``taylor_selection(run, two_stage)`` is the scoring call of the registry entries ``sdmprune``
-(two stages) and ``taylor`` (stage 1 only):
+``taylor_selection(run, objective)`` is the scoring call of the registry entries:
 
-- stage 1: CE Taylor on the original model; keep the top ``stage1_keep`` of each layer (sdmprune) or
-  the top ``width`` (taylor);
-- stage 2 (sdmprune): the same weights with the stage-1 channels masked (the student) distilled from
+- ``"sdmprune"``: stage 1 = CE Taylor on the original model, keep the top ``stage1_keep`` of each
+  layer; stage 2 = the same weights with the stage-1 channels masked (the student) distilled from
   the final hidden states stage 1 computed on the SAME windows (the teacher cache), loss
   ``(1 - alpha) CE + alpha KL(softmax(z_t / T) || softmax(z_s))``; keep the top ``width`` of the
-  survivors.
+  survivors;
+- ``"taylor"``: stage 1 only, keep the top ``width``;
+- ``"hfprune"``: one stage, label-free: loss = each sample's mean over its positions of the entropy of
+  the model's own next-token distribution; score = ``sum_t |H[t, c] * dL/dH[t, c]|`` at the input H
+  of every down_proj (activation Taylor, the abs per token element); keep the top ``width``.
 
 Engines: ``fused`` (Triton Taylor accumulation in the MLP backward + fused LM-head loss), ``torch``
 (the same lean design in PyTorch: one weight copy, hidden states x LM head, chunked loss) and
@@ -66,10 +68,17 @@ def stage1_width(cfg, plan) -> int:
     return max(int(cfg.stage1_keep * plan.original_width), plan.width)
 
 
-def taylor_selection(run: ScoringRun, two_stage: bool) -> Selection:
+OBJECTIVES = ("sdmprune", "taylor", "hfprune")
+
+
+def taylor_selection(run: ScoringRun, objective: str) -> Selection:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if run.engine == "reference":
-        return _reference_taylor(run, two_stage)
-    return _lean_taylor(run, two_stage)
+        if objective == "hfprune":
+            return _reference_hfprune(run)
+        return _reference_taylor(run, objective == "sdmprune")
+    return _lean_taylor(run, objective)
 
 
 @contextmanager
@@ -172,12 +181,14 @@ class TeacherCache:
 
 
 # --------------------------------------------------------------------- lean engines (fused/torch)
-def _lean_taylor(run: ScoringRun, two_stage: bool) -> Selection:
-    """Both stages with one weight copy; resumable through ``run.state``."""
+def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
+    """Every stage of ``objective`` with one weight copy; resumable through ``run.state``."""
     from sdmprune.kernels.fused_linear_distill_loss import fused_linear_distill_loss
+    from sdmprune.kernels.fused_linear_entropy_loss import fused_linear_entropy_loss
 
     from .importance import TaylorImportance
 
+    two_stage = objective == "sdmprune"
     model, tokens, cfg, plan, stats = run.model, run.tokens, run.config, run.plan, run.stats
     adapter = get_adapter(model)
     body = adapter.body(model)
@@ -188,6 +199,8 @@ def _lean_taylor(run: ScoringRun, two_stage: bool) -> Selection:
     batches = [idx[i:i + B] for i in range(0, len(idx), B)]
     L, d = tokens.shape[1], weight.shape[1]
     state = run.state.load() if (run.state is not None and run.resume) else None
+    if run.state is not None and not run.resume:
+        run.state.discard()  # a fresh start rewrites the teacher cache: an old checkpoint must not survive it
 
     teacher, scratch_dir = None, None
     if two_stage:
@@ -233,6 +246,12 @@ def _lean_taylor(run: ScoringRun, two_stage: bool) -> Selection:
         return fused_linear_distill_loss(h.reshape(-1, d), weight, causal_labels(x).reshape(-1), None,
                                          alpha=0.0, backend=run.backend, token_chunk=cfg.loss_token_chunk)
 
+    def entropy_loss(bi, x, h):
+        # every window is one sample of equal length: the mean over the batch's rows times B (the
+        # caller) is the sum of the per-sample means over their positions
+        return fused_linear_entropy_loss(h.reshape(-1, d), weight, None, backend=run.backend,
+                                         token_chunk=cfg.loss_token_chunk)
+
     def distill_loss(bi, x, h):
         ht = teacher.get(bi * B, x.shape[0], device)
         return fused_linear_distill_loss(h.reshape(-1, d), weight, causal_labels(x).reshape(-1),
@@ -240,8 +259,9 @@ def _lean_taylor(run: ScoringRun, two_stage: bool) -> Selection:
                                          backend=run.backend, token_chunk=cfg.loss_token_chunk)
 
     try:
+        kind = "activation" if objective == "hfprune" else "weight"
         with gradient_pass(model, cfg.gradient_checkpointing, run.backend, cfg.offload_activations, stats), \
-                TaylorImportance(model, backend=run.backend) as imp:
+                TaylorImportance(model, backend=run.backend, kind=kind) as imp:
             stage, cursor = 1, 0
             if state is not None:
                 stage, cursor = state["stage"], state["cursor"]
@@ -249,7 +269,9 @@ def _lean_taylor(run: ScoringRun, two_stage: bool) -> Selection:
                 imp.load_state_dict(state["importance"])
                 stats["resumed_from"] = {"stage": stage, "batch": cursor}
             if stage == 1:
-                run_stage(1, "stage 1/2: CE Taylor" if two_stage else "taylor: CE", cursor, imp, ce_loss)
+                desc = {"sdmprune": "stage 1/2: CE Taylor", "taylor": "taylor: CE",
+                        "hfprune": "hfprune: entropy Taylor at H"}[objective]
+                run_stage(1, desc, cursor, imp, entropy_loss if objective == "hfprune" else ce_loss)
                 s1 = dist.all_reduce_scores_({k: v.float() for k, v in imp.scores().items()})
                 s1 = {k: v.cpu() for k, v in s1.items()}
                 if not two_stage:
@@ -369,3 +391,55 @@ def _reference_taylor(run: ScoringRun, two_stage: bool) -> Selection:
         full[keep1[k]] = v
         s2[k] = full
     return _second_stage_selection(s1, keep1, s2, plan)
+
+
+def _reference_hfprune(run: ScoringRun) -> Selection:
+    """HFPrune's official loop: one sample per backward, the model's full float32 logits, loss = the
+    mean over positions of the entropy of softmax(logits); autograd keeps the gradient of every
+    down_proj input H, and ``score[c] += sum_t |H[t, c] * dL/dH[t, c]|`` (float32, where the official
+    code holds bf16)."""
+    model, tokens, cfg, plan, stats = run.model, run.tokens, run.config, run.plan, run.stats
+    mlps = find_gated_mlps(model)
+    device = next(model.parameters()).device
+    idx = dist.shard_indices(tokens.shape[0])
+    L = tokens.shape[1]
+    scores = {m.index: torch.zeros(m.width, dtype=torch.float32, device=device) for m in mlps}
+    inputs = {}
+
+    def keep_input(i):
+        def hook(module, args):
+            args[0].retain_grad()
+            inputs[i] = args[0]
+        return hook
+
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    hooks = [m.down.register_forward_pre_hook(keep_input(m.index)) for m in mlps]
+    was_training = model.training
+    model.eval()
+    model.enable_input_require_grads()  # gradients reach H although every weight is frozen
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        t0 = time.perf_counter()
+        bar = progress_bar(len(idx) * L, "hfprune: entropy Taylor at H (reference)", cfg.progress)
+        for i in idx:
+            x = tokens[i:i + 1].to(device)
+            logits = model(input_ids=x, use_cache=False).logits.float()[0]
+            logp = F.log_softmax(logits, -1)
+            (-(logp.exp() * logp).sum(-1).mean()).backward()
+            with torch.no_grad():
+                for k, h in inputs.items():
+                    scores[k] += (h.float() * h.grad.float()).abs().reshape(-1, h.shape[-1]).sum(0)
+            inputs.clear()
+            tick(bar, L, device)
+        bar.close()
+        stats["time_s"]["stage1"] = seconds_since(t0, device)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.disable_input_require_grads()
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    s = {k: v.cpu() for k, v in dist.all_reduce_scores_(scores).items()}
+    return Selection(keep={k: top_channels(v, plan.width) for k, v in s.items()}, scores=s, stage1_scores=s)

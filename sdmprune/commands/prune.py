@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ratio", type=float, help="fraction of ALL parameters to remove, e.g. 0.2")
     g.add_argument("--width", type=int, help="MLP width to keep in every layer")
     p.add_argument("--method", default="sdmprune",
-                   help="sdmprune, taylor, wanda-sp, magnitude, random, or a method a --plugin registers")
+                   help="sdmprune, hfprune, taylor, wanda-sp, magnitude, random, or a method a --plugin registers")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE (a module name or a .py file) first; it registers methods with "
                         "sdmprune.register_method (repeatable)")
@@ -287,7 +287,20 @@ def _run(args) -> int:
             f"{ppl.backend})")
     if cfg.recover_data == "calibration":  # --recover-steps without --recover-data: the calibration windows
         cfg.recover_data = tokens
-    result = prune_model(model, tokens, cfg, checkpoint_dir=job.work, resume=args.resume, tokenizer=tokenizer)
+
+    def evaluate_pruned(model_, keep):
+        # with recovery, "after pruning" is the selected channels before recovery: the masked model
+        from ..models import ChannelMasks
+
+        with ChannelMasks(model_, keep), maybe_stream_layers(model_, device, streaming):
+            ppl = perplexity_on_source(model_, tokenizer, job.eval_spec, ev_len, args.eval_windows, tokens=ev_tokens,
+                                       progress=progress)[0]
+        report["eval"]["pruned"] = ppl.to_dict()
+        say(f"perplexity after pruning: {float(ppl):.3f}")
+
+    recovering_with_eval = cfg.recover_steps and job.eval_spec is not None and main
+    result = prune_model(model, tokens, cfg, checkpoint_dir=job.work, resume=args.resume, tokenizer=tokenizer,
+                         on_selected=evaluate_pruned if recovering_with_eval else None)
     st = result.stats
     say(f"pruned: params {st['params_before']:,} -> {st['params_after']:,} "
         f"({1 - st['params_after'] / st['params_before']:.2%} removed) in {st['time_s']['total']:.1f}s, "
@@ -297,7 +310,7 @@ def _run(args) -> int:
             ppl = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows, tokens=ev_tokens,
                                        progress=progress)[0]
         report["eval"]["after"] = ppl.to_dict()
-        say(f"perplexity after: {float(ppl):.3f}")
+        say(f"perplexity after {'recovery' if cfg.recover_steps else 'pruning'}: {float(ppl):.3f}")
     report.update({
         "plan": plan.to_dict(), "width": result.width,
         "widths": {str(k): int(v.numel()) for k, v in result.keep.items()},
@@ -318,8 +331,12 @@ def _run(args) -> int:
                 f"{result.width})")
         if job.eval_spec is not None:
             ev = report["eval"]
-            line += (f"; perplexity {ev['before']['perplexity']:.3f} -> {ev['after']['perplexity']:.3f} on "
-                     f"{job.eval_spec.describe()} ({ev['after']['windows']} windows of {ev_len} tokens)")
+            steps = [f"{ev['before']['perplexity']:.3f}"]
+            if "pruned" in ev:
+                steps.append(f"{ev['pruned']['perplexity']:.3f} pruned")
+            steps.append(f"{ev['after']['perplexity']:.3f}" + (" recovered" if cfg.recover_steps else ""))
+            line += (f"; perplexity {' -> '.join(steps)} on {job.eval_spec.describe()} "
+                     f"({ev['after']['windows']} windows of {ev_len} tokens)")
         say(line)
     if job.work is not None:
         dist.barrier()  # every rank's state files are done with before any is removed
