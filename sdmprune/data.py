@@ -358,9 +358,13 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0, bat
     """``n`` sequences of ``seq_len`` tokens sampled from ``model`` ([n, seq_len] int64, on CPU).
 
     Each starts with the BOS token (tokenizer's, else the config's, else EOS) and continues by plain
-    multinomial sampling at ``temperature`` with a KV cache; a torch.Generator seeded with ``seed``
-    makes it reproducible without touching the global RNG.
+    multinomial sampling at ``temperature`` through ``model.generate`` (KV cache; no top-k/top-p, no
+    repetition penalty, and no stop at EOS, so every row has ``seq_len`` tokens). The sampling RNG is
+    seeded with ``seed`` inside a forked RNG state: the same seed gives the same tokens, and the
+    caller's global RNG is left as it was.
     """
+    from transformers import GenerationConfig
+
     bos = None
     for obj, attr in ((tokenizer, "bos_token_id"), (model.config, "bos_token_id"),
                       (tokenizer, "eos_token_id"), (model.config, "eos_token_id")):
@@ -373,24 +377,22 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int = 0, bat
     if bos is None:
         raise InputError("cannot sample 'self' data: the model has no BOS/EOS token id")
     device = next(model.parameters()).device
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    config = GenerationConfig(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0,
+                              repetition_penalty=1.0, max_new_tokens=seq_len - 1, min_new_tokens=0,
+                              eos_token_id=[], pad_token_id=bos, use_cache=True)  # []: never stop at EOS
     was_training = model.training
     model.eval()
     out = []
     try:
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            seq = torch.full((b, 1), bos, dtype=torch.long, device=device)
-            past = None
-            cur = seq
-            for _ in range(seq_len - 1):
-                res = model(input_ids=cur, past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                logits = res.logits[:, -1].float().cpu() / temperature
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).to(device)
-                seq = torch.cat([seq, nxt], 1)
-                cur = nxt
-            out.append(seq.cpu())
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                seq = torch.full((b, 1), bos, dtype=torch.long, device=device)
+                if seq_len > 1:
+                    seq = model.generate(input_ids=seq, attention_mask=torch.ones_like(seq),
+                                         generation_config=config)
+                out.append(seq.cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)

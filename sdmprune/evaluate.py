@@ -10,8 +10,10 @@ Held-out 'self' text is sampled with the seed rule of ``sdmprune.data.eval_text_
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import os
 import sys
 import time
 from typing import Optional
@@ -136,17 +138,59 @@ def perplexity_on_source(model, tokenizer, src, seq_len: int, max_windows: Optio
     return ppl, tokens, desc
 
 
+# the zero-shot set pruning papers (SDMPrune, LLM-Pruner) report: `--tasks paper` (needs the hub)
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
 def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def evaluate_tasks(model, tokenizer, tasks, batch_size: int = 1, limit=None) -> dict:
-    """lm-eval-harness tasks on the loaded model (``lm_eval.simple_evaluate`` with an HFLM wrapper)."""
+def resolve_tasks(spec: str, include_path: Optional[str] = None):
+    """(task names or YAML paths, lm-eval TaskManager) for ``--tasks`` (comma list; ``paper`` = PAPER_TASKS)
+    and ``--include-path`` (a folder of local task YAMLs). One InputError line for lm-eval missing, a
+    missing YAML or folder, or a name lm-eval does not know. Reading the task index takes lm-eval a few
+    seconds; it is done before any model is loaded."""
+    if not lm_eval_available():
+        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    names = []
+    for t in (x.strip() for x in spec.split(",")):
+        if t:
+            names.extend(PAPER_TASKS if t == "paper" else [t])
+    if not names:
+        raise InputError("--tasks: no task named")
+    if include_path is not None and not os.path.isdir(os.path.expanduser(include_path)):
+        raise InputError(f"--include-path {include_path!r} is not a folder")
+    manager = _task_manager(os.path.abspath(os.path.expanduser(include_path)) if include_path else None)
+    known = set(manager.all_tasks)
+    for t in names:
+        if t.endswith((".yaml", ".yml")):
+            if not os.path.isfile(os.path.expanduser(t)):
+                raise InputError(f"--tasks: task file {t!r} does not exist")
+        elif t not in known:
+            raise InputError(f"--tasks: lm-eval knows no task, group or tag {t!r}"
+                             + ("" if include_path else " (local task folders: --include-path DIR)"))
+    return names, manager
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: Optional[str]):
+    """lm-eval's task index (it reads thousands of YAML files: once per folder and process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def evaluate_tasks(model, tokenizer, tasks, batch_size: int = 1, limit=None, num_fewshot: Optional[int] = None,
+                   task_manager=None) -> dict:
+    """lm-eval-harness ``tasks`` on the loaded model (``lm_eval.simple_evaluate`` with an HFLM wrapper):
+    lm-eval's results, per task its metrics and their stderr (``acc,none``, ``acc_stderr,none``...)."""
     if not lm_eval_available():
         raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                                  task_manager=task_manager)
     return out.get("results", {})

@@ -25,7 +25,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
@@ -166,14 +166,16 @@ class PruneResult:
 # ------------------------------------------------------------------------------------ the entry
 def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[PruneConfig] = None, *,
                 checkpoint_dir: Union[None, str, os.PathLike, WorkDir] = None, resume: bool = False, tokenizer=None,
-                **overrides) -> PruneResult:
+                on_selected: Optional[Callable] = None, **overrides) -> PruneResult:
     """Score, select and slice the MLP channels of ``model`` in place; see the module docstring.
 
     calib_tokens: LongTensor [n, L] (None for methods without calibration). ``overrides`` are PruneConfig
     fields. checkpoint_dir: a work folder for resume state (gradient methods on the fused/torch engines;
     written every ``cfg.checkpoint_every`` batches); resume=True continues from it to the same result as an
     uninterrupted run, and refuses a checkpoint of other settings, weights, dtype, device kind or data.
-    tokenizer: only used by the optional recovery step (``cfg.recover_steps``).
+    tokenizer: only used by the optional recovery step (``cfg.recover_steps``). on_selected: called as
+    ``on_selected(model, keep)`` once the channels are chosen, before recovery and slicing (the model is
+    still whole: e.g. evaluate it with the other channels masked, models.ChannelMasks).
     """
     from .slicing import prune_model_
 
@@ -217,6 +219,8 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
         stats["calibration_tokens"] = tokens.numel()
         stats["tokens_per_s"] = {st: (tokens.numel() / t if t > 0 else None) for st, t in stats["time_s"].items()}
 
+    if on_selected is not None:
+        on_selected(model, selection.keep)
     if cfg.recover_steps:  # fine-tune the masked model before slicing (one weight copy)
         from .recover import recover_masked_
 

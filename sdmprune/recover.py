@@ -394,6 +394,8 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
             print(f"sdmprune finetune: resuming at step {trainer.step}/{total} from {ckpt}", file=sys.stderr)
         else:
             print(f"sdmprune finetune: no checkpoint at {ckpt}; starting from the beginning", file=sys.stderr)
+    else:
+        trainer.state.discard()  # a fresh start: an earlier run's checkpoint is not resumed later by mistake
 
     # 5. evaluate, train, evaluate
     evals, eval_tokens = {}, None

@@ -66,8 +66,10 @@ def weights_digest(model: torch.nn.Module) -> str:
         if p.device.type == "meta" or p.numel() == 0:
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), device=flat.device).long()
-        h.update(flat[idx].float().cpu().numpy().tobytes())
+        k = min(WEIGHT_SAMPLES, flat.numel())
+        # integer spacing: float positions (linspace) round past the end beyond 2**24 elements
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)
+        h.update(flat[idx.to(flat.device)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -126,6 +128,11 @@ class RunState:
         state = dict(state, fingerprint=self.fingerprint, rng=rng_state())
         with atomic_write_file(self.path) as tmp:
             torch.save(state, tmp)
+
+    def discard(self) -> None:
+        """Forget an earlier checkpoint (a fresh start): a later --resume must never pair it with files
+        this run rewrites."""
+        self.path.unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         """Remove the run's files (the work folder's rule: a user's folder and files are kept)."""

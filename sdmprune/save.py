@@ -48,7 +48,63 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
+        (tmp / "README.md").write_text(model_card(report, out.name), encoding="utf-8")
     return out
+
+
+def model_card(report: dict, name: str) -> str:
+    """A Hugging Face model card (README.md) from a prune report: base model, method and settings,
+    calibration data, widths, parameter counts, the perplexity measured in the run, how to load it."""
+    cfg = report.get("config") or {}
+    plan = report.get("plan") or {}
+    method = report.get("method", "sdmprune")
+    base = str(report.get("model", "")) or None
+    hub_base = base if base and base.count("/") == 1 and not os.path.exists(base) else None
+    lines = ["---", "library_name: transformers", "tags:", "- pruned", "- sdmprune"]
+    if method != "sdmprune":
+        lines.append(f"- {method}")
+    if hub_base:
+        lines.append(f"base_model: {hub_base}")
+    lines += ["---", "", f"# {name}", "",
+              f"{base or 'A model'} with its MLPs pruned by sdmprune, "
+              f"method `{method}`: every layer keeps the same number of MLP channels, so plain `transformers` "
+              "loads it.", ""]
+    if plan:
+        lines += ["| | before | after |", "|---|---|---|",
+                  f"| parameters | {plan.get('params_before', 0):,} | {plan.get('params_after', 0):,} |",
+                  f"| MLP width | {plan.get('original_width')} | {plan.get('width')} |", "",
+                  f"{plan.get('achieved_ratio', 0):.2%} of all parameters removed"
+                  + (f" (asked: {plan['requested_ratio']:.2%})" if plan.get("requested_ratio") else "") + "."]
+        if plan.get("rounding"):
+            r = plan["rounding"]
+            lines.append(f"Width rounded down to a multiple of {r['multiple']} (was {r['width_before']}).")
+        lines.append("")
+    settings = {k: cfg[k] for k in ("alpha", "temperature", "stage1_keep", "batch_size", "seed", "engine")
+                if k in cfg and cfg[k] is not None}
+    if settings:
+        lines += ["**Settings:** " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    calib = report.get("calibration")
+    if calib:
+        lines += [f"**Calibration:** {calib.get('samples')} windows of {calib.get('seq_len')} tokens from "
+                  f"`{calib.get('source')}` ({calib.get('mode', '')}, seed {calib.get('seed')}).", ""]
+    ev = report.get("eval")
+    if ev and "after" in ev:
+        data = ev.get("data") or {}
+        lines += [f"**Perplexity** on `{data.get('source', '?')}` ({ev['after'].get('windows')} windows of "
+                  f"{ev['after'].get('seq_len')} tokens, measured in the run): "
+                  f"{ev['before']['perplexity']:.3f} before pruning"
+                  + (f", {ev['pruned']['perplexity']:.3f} after pruning, {ev['after']['perplexity']:.3f} after recovery."
+                     if "pruned" in ev else f", {ev['after']['perplexity']:.3f} after."), ""]
+    if (report.get("stats") or {}).get("recover"):
+        lines += [f"Recovered with {report['stats']['recover'].get('steps')} steps of LoRA (merged) before slicing.",
+                  ""]
+    lines += ["## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", "",
+              f"`{REPORT_NAME}` in this folder holds the whole report: kept channel indices per layer, timings, "
+              "peak memory and package versions" + (f" ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})"
+                                                     if report.get("versions") else "") + ".", ""]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -132,12 +132,25 @@ def test_token_file_exact(tmp_path):
 
 
 def test_self_sampling_seeded():
+    """generate() with plain multinomial sampling: seeded, the caller's RNG untouched, full length even
+    when EOS is sampled, and nothing deprecated on the way."""
+    import warnings
+
     model = tiny_model("llama")
-    a = sample_from_model(model, None, 3, 10, seed=5, batch_size=2)
+    model.config.eos_token_id = 7
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        a = sample_from_model(model, None, 3, 10, seed=5, batch_size=2)
+    assert torch.equal(rng, torch.get_rng_state())
     b = sample_from_model(model, None, 3, 10, seed=5, batch_size=2)
     assert a.shape == (3, 10) and torch.equal(a, b)
     assert (a[:, 0] == model.config.bos_token_id).all()
     assert not torch.equal(a, sample_from_model(model, None, 3, 10, seed=6, batch_size=2))
+    # EOS does not end a row: with the EOS logit raised, EOS is sampled mid-row and the rows go on
+    model.lm_head.weight.data[7] *= 40
+    c = sample_from_model(model, None, 2, 12, seed=5, batch_size=2)
+    assert c.shape == (2, 12) and (c[:, 1:-1] == 7).any(dim=1).all()
 
 
 def test_resolve_source_errors(tmp_path, monkeypatch):

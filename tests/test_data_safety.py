@@ -264,3 +264,49 @@ def test_self_text_evaluation_is_the_same_in_prune_eval_and_finetune(model_dir, 
     assert code == 0, cap.err
     assert json.loads((tmp_path / "ev.json").read_text())["perplexity"]["perplexity"] == pytest.approx(before,
                                                                                                       rel=1e-6)
+
+
+def test_a_fresh_start_forgets_an_earlier_checkpoint(tmp_path, monkeypatch):
+    """Run A stops in stage 2; run B starts afresh (no --resume) over the same work folder and stops in
+    stage 1 before its first checkpoint. A --resume now must not pair A's stage-2 state with the teacher
+    cache B has begun to rewrite: A's checkpoint is gone with B's start, and the resume starts over."""
+    from sdmprune import taylor
+    from sdmprune.pipeline import PruneConfig, prune_model
+
+    tokens = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    cfg = PruneConfig(width=96, engine="torch", batch_size=1, stage1_keep=0.9, checkpoint_every=1, progress=False)
+    work = str(tmp_path / "work")
+
+    def stop_at(stage_no, batch_no):
+        def hook(stage, done):
+            if (stage, done) == (stage_no, batch_no):
+                raise KeyboardInterrupt
+        return hook
+
+    monkeypatch.setattr(taylor, "_after_batch_hook", stop_at(2, 1))
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(tiny_model(seed=2), tokens, cfg, checkpoint_dir=work)
+    monkeypatch.setattr(taylor, "_after_batch_hook", stop_at(1, 1))
+    with pytest.raises(KeyboardInterrupt):  # checkpoint_every 2: stops before its first checkpoint
+        prune_model(tiny_model(seed=2), tokens, cfg, checkpoint_dir=work, checkpoint_every=2)
+    monkeypatch.setattr(taylor, "_after_batch_hook", None)
+    resumed = prune_model(tiny_model(seed=2), tokens, cfg, checkpoint_dir=work, resume=True)
+    clean = prune_model(tiny_model(seed=2), tokens, cfg)
+    assert "resumed_from" not in resumed.stats
+    for k in clean.keep:
+        assert torch.equal(clean.keep[k], resumed.keep[k])
+
+
+def test_weights_digest_reads_large_tensors_and_tells_weights_apart():
+    """The resume fingerprint's weights digest: any parameter size (past float32's exact integers), one
+    changed sampled value or another dtype changes it, the same weights give the same digest."""
+    from sdmprune.run_state import WEIGHT_SAMPLES, weights_digest
+
+    big = torch.nn.Linear(2 ** 12 + 1, 2 ** 12 + 3, bias=False).to(torch.float16)  # 16.8 M elements > 2**24
+    a = weights_digest(big)
+    assert a == weights_digest(big)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] += 1  # the last element is always sampled
+    assert weights_digest(big) != a
+    small = torch.nn.Linear(3, 2)
+    assert weights_digest(small) != weights_digest(small.to(torch.bfloat16)) and WEIGHT_SAMPLES > 6

@@ -223,3 +223,20 @@ def test_atomic_output_dir_and_write_json_atomic(tmp_path):
         write_json_atomic(tmp_path / "bad.json", {"o": object()})
     assert not (tmp_path / "bad.json").exists() and os.listdir(tmp_path) == ["a"]
     assert is_package_output(tmp_path / "a" / "b") and not is_package_output(tmp_path / "a")
+
+
+def test_the_output_carries_a_model_card(tmp_path):
+    """README.md in the model-card format: front matter, parameter counts, widths, the run's perplexity
+    and how to load it; listed in the manifest like every other file."""
+    model = tiny_model("llama")
+    report = {"model": "org/base-model", "method": "hfprune", "config": {"alpha": 0.4, "seed": 3},
+              "plan": {"params_before": 1000, "params_after": 800, "original_width": 160, "width": 120,
+                       "achieved_ratio": 0.2, "requested_ratio": 0.2, "rounding": None},
+              "eval": {"data": {"source": "wiki.test.raw"}, "before": {"perplexity": 10.0},
+                       "after": {"perplexity": 12.5, "windows": 4, "seq_len": 64}}}
+    out = save_pruned(model, None, tmp_path / "card", report)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "base_model: org/base-model" in card
+    assert "- hfprune" in card and "| parameters | 1,000 | 800 |" in card and "| MLP width | 160 | 120 |" in card
+    assert "10.000 before pruning, 12.500 after" in card and 'from_pretrained("card")' in card
+    assert "README.md" in json.loads((out / MANIFEST).read_text())

@@ -14,7 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="the text field of .jsonl/.json/.parquet records")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window in tokens")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs sdmprune[eval])")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, groups or task YAML paths; 'paper' = the zero-shot set of "
+                        "the pruning papers (boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa); "
+                        "needs sdmprune[eval]")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="a folder of local lm-eval task YAMLs whose names --tasks may use (offline tasks)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (default: all)")
     p.add_argument("--batch-size", type=int, default=1, help="windows (or lm-eval requests) per forward")
     device_options(p)
@@ -27,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..data import resolve_source
-    from ..evaluate import lm_eval_available
+    from ..evaluate import resolve_tasks
     from ..loading import check_positions, default_dtype, resolve_device, resolve_model
     from ..paths import check_output_file
 
@@ -38,9 +44,9 @@ def run(args) -> int:
     at_least(args.batch_size, 1, "--batch-size")
     if args.limit is not None and not args.limit > 0:
         raise InputError(f"--limit must be positive (got {args.limit})")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
-    if tasks and not lm_eval_available():
-        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    at_least(args.num_fewshot, 0, "--num-fewshot")
+    if args.include_path and not args.tasks:
+        raise InputError("--include-path names where --tasks come from: give --tasks too")
     json_path = None
     if args.json:
         inputs = [args.model] + ([args.ppl] if args.ppl and args.ppl != "self" else [])
@@ -50,6 +56,7 @@ def run(args) -> int:
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     if spec is not None:
         check_positions(source.config, args.seq_len)
+    tasks = resolve_tasks(args.tasks, args.include_path) if args.tasks else None
     warn_remote_code(args)
     results = run_eval(args, source, spec, tasks, default_dtype(args.dtype, device))
     if json_path is not None:
@@ -60,7 +67,8 @@ def run(args) -> int:
 
 
 def run_eval(args, source, spec, tasks, dtype) -> dict:
-    """Load the model and evaluate it (the checked arguments of ``run``)."""
+    """Load the model and evaluate it (the checked arguments of ``run``; ``tasks``: resolve_tasks's
+    (names, task manager) or None)."""
     from ..evaluate import evaluate_tasks, perplexity_on_source
     from ..loading import load_model
 
@@ -72,6 +80,10 @@ def run_eval(args, source, spec, tasks, dtype) -> dict:
         results["perplexity"] = {**ppl.to_dict(), "data": desc}
         print(f"perplexity ({spec.raw}, {ppl.windows} windows of {args.seq_len}, {ppl.backend}): {float(ppl):.4f}")
     if tasks:
-        results["tasks"] = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size, limit=args.limit)
+        names, manager = tasks
+        results["tasks"] = evaluate_tasks(model, tokenizer, names, batch_size=args.batch_size, limit=args.limit,
+                                          num_fewshot=args.num_fewshot, task_manager=manager)
+        results["lm_eval"] = {"tasks": names, "num_fewshot": args.num_fewshot, "limit": args.limit,
+                              "include_path": args.include_path}
         print(json.dumps(results["tasks"], indent=2, default=str))
     return results
