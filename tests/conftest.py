@@ -136,3 +136,24 @@ def ptxas_usage(monkeypatch, fn, signature, constexprs, **options):
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
     return regs, spills
+
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class LargestTensor(TorchDispatchMode):
+    """Inside ``with LargestTensor():`` every tensor an op makes is measured; ``LargestTensor.biggest`` is
+    the largest in bytes (to show a kernel never materializes an N x V tensor)."""
+
+    biggest = 0
+
+    def __enter__(self):
+        LargestTensor.biggest = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                LargestTensor.biggest = max(LargestTensor.biggest, t.numel() * t.element_size())
+        return out

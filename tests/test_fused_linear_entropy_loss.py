@@ -215,17 +215,7 @@ def test_never_allocates_n_by_v(backend):
     """Every tensor made during forward+backward is at most one float32 chunk of logits (token_chunk
     x V), far below N x V. Counted in bytes: the interpreter copies storages as uint8."""
     _skip_unless_runnable(backend, "cpu")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Biggest(TorchDispatchMode):
-        biggest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    Biggest.biggest = max(Biggest.biggest, t.numel() * t.element_size())
-            return out
+    from conftest import LargestTensor as Biggest
 
     N, V, d = 64, 1000, 16
     h, w, m = _inputs(N, V, d, torch.float32, "cpu", 7, masked=True)

@@ -264,3 +264,20 @@ def test_bad_config():
         prune_model(tiny_model("llama"), torch.randint(300, 400, (2, 8)), PruneConfig(width=100))
     with pytest.raises(InputError):
         prune_model(tiny_model("llama"), None, PruneConfig(width=100))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_teacher_cache_pins_exactly_what_it_holds():
+    """The host teacher cache is page-locked at its own size: torch's pinned allocator (which rounds
+    every request up to a power of two and keeps the block cached) is not used for it."""
+    from sdmprune.taylor import TeacherCache
+
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    n, L, d = 3, 1000, 1031  # 6.2 MB of bf16: a power-of-two allocator would take 8 MiB
+    cache = TeacherCache(n, L, d, torch.bfloat16, pin=True)
+    assert cache.data.is_pinned() and cache.data.numel() == n * L * d
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) == before
+    h = torch.randn(2, L, d, device="cuda", dtype=torch.bfloat16)
+    cache.put(0, h)
+    assert torch.equal(cache.get(0, 2, "cuda"), h)
+    cache.close()
