@@ -31,6 +31,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
+import random_models  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -43,39 +46,10 @@ SMOKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_att
 
 
 def hf_config(shape_name: str):
-    from transformers import LlamaConfig
-
-    if shape_name == "smoke":
-        return LlamaConfig(max_position_embeddings=256, **SMOKE)
-    from sdmprune.memory import BUILTIN_SHAPES
-
-    s = BUILTIN_SHAPES[shape_name]
-    return LlamaConfig(hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                       num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-                       num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, vocab_size=s.vocab_size,
-                       tie_word_embeddings=s.tie_word_embeddings, max_position_embeddings=131072,
-                       rope_theta=500000.0)
+    return random_models.hf_config(shape_name, SMOKE)
 
 
-def build_random_model(config, device, dtype, seed=0):
-    """A random model built on ``device`` without a CPU copy: meta init, to_empty, then init in place."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # RMSNorm weights
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-        # buffers are uninitialized after to_empty: rebuild the rotary embedding
-        rot = model.model.rotary_emb
-        model.model.rotary_emb = type(rot)(config=config).to(device)  # tiny: built on the host
-    model.tie_weights()
-    return model.eval()
+build_random_model = random_models.build_random_model
 
 
 def worker(args) -> dict:

@@ -13,7 +13,7 @@ The ownership rule:
 * Never replaced, with or without ``overwrite``: the current folder or any folder above it, an input
   (the model, the data, ...) or any folder above an input, a file where a folder is expected.
 * A single file is replaced only when it carries the package's mark (``WRITTEN_BY`` in a JSON
-  object, or in the metadata of a safetensors file).
+  object, or in the metadata of a safetensors or GGUF file).
 * A hidden temporary folder of an earlier run that was killed (its marker names a process that no
   longer runs on this host) is removed at the next run for the same output; one without the marker
   is never touched.
@@ -159,6 +159,11 @@ def check_output_dir(out: PathLike, overwrite: bool = False, *, flag: str = "--o
 
 def _package_mark(path: Path) -> bool:
     try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                from .gguf_export import is_sdmprune_gguf
+
+                return is_sdmprune_gguf(path)
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 

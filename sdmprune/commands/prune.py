@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=None, metavar="M",
                    help="round the width down to a multiple of M (off by default, as in the paper)")
     p.add_argument("--save-scores", metavar="PATH", help="also write per-layer scores and kept indices (safetensors)")
+    p.add_argument("--gguf", metavar="PATH",
+                   help="for a .gguf model: also write the pruned model as a GGUF (the input's metadata, tokenizer "
+                        "and quantization; ffn_down requantized, or F16 where the width is not a whole number of "
+                        "quantization blocks: --round-to 32 keeps Q4/Q8 blocks whole)")
+    p.add_argument("--gguf-down-type", metavar="TYPE", default=None,
+                   help="type of ffn_down in --gguf instead of the input's (e.g. Q8_0 or F16: less error than "
+                        "requantizing to Q4_1)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (same arguments)")
     p.add_argument("--checkpoint-every", type=int, default=16, help="batches between resume checkpoints")
     p.add_argument("--work-dir", default=None,
@@ -101,6 +108,7 @@ class PruneJob:
     work: Any
     scores_path: Optional[str]
     budget: Optional[dict]
+    gguf_path: Optional[str] = None
 
 
 def check_prune_arguments(args) -> PruneJob:
@@ -145,6 +153,15 @@ def check_prune_arguments(args) -> PruneJob:
     if args.save_scores:
         scores_path = str(check_output_file(args.save_scores, args.overwrite, flag="--save-scores",
                                             inputs=[args.model, *data_inputs]))
+    gguf_path = None
+    if args.gguf_down_type and not args.gguf:
+        raise InputError("--gguf-down-type applies to --gguf")
+    if args.gguf:
+        if cfg.recover_steps:
+            raise InputError("--gguf slices the input GGUF's own weights; recovered (--recover-steps) weights would "
+                             "not be in it: export the recovered model from the saved folder instead")
+        gguf_path = str(check_output_file(args.gguf, args.overwrite, flag="--gguf",
+                                          inputs=[args.model, *data_inputs]))
     work = None
     if method.gradient and cfg.engine != "reference":
         given = args.work_dir is not None
@@ -156,6 +173,8 @@ def check_prune_arguments(args) -> PruneJob:
     calib = resolve_source(args.calib, "calibration", args.text_field) if method.needs_calibration else None
     eval_spec = resolve_source(args.eval_ppl, "evaluation", args.text_field) if args.eval_ppl else None
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
+    if gguf_path is not None and source.kind != "gguf":
+        raise InputError(f"--gguf writes a GGUF of a GGUF input; {args.model!r} is not a .gguf model")
     if method.needs_calibration:
         check_positions(source.config, args.seq_len)
     if eval_spec is not None:
@@ -174,7 +193,7 @@ def check_prune_arguments(args) -> PruneJob:
         engine, _ = resolve_engine(cfg.engine, device, method)
         cfg.batch_size, budget = batch_size_for_memory(source.config, cfg, engine, args.seq_len, args.max_memory,
                                                        args.samples, dtype)
-    return PruneJob(cfg, out, device, dtype, calib, eval_spec, source, plan, work, scores_path, budget)
+    return PruneJob(cfg, out, device, dtype, calib, eval_spec, source, plan, work, scores_path, budget, gguf_path)
 
 
 def _recovery_options(args) -> dict:
@@ -320,6 +339,15 @@ def _run(args) -> int:
         "params_before": st["params_before"], "params_after": st["params_after"], "stats": st,
     })
     if main:
+        if job.gguf_path:  # before the folder, so that its report says how the GGUF was written
+            from ..gguf_export import write_pruned_gguf
+
+            report["gguf"] = write_pruned_gguf(source.describe(), result.keep, job.gguf_path,
+                                               overwrite=args.overwrite, down_type=args.gguf_down_type)
+            types = ", ".join(f"{k} x{v}" for k, v in report["gguf"].get("tensor_types", {}).items())
+            say(f"GGUF: {job.gguf_path} ({types})")
+            if report["gguf"].get("fallbacks"):
+                say(f"GGUF: written as F16 instead of the input's type: {report['gguf']['fallbacks']}")
         data_inputs = [s for s in (args.calib, args.eval_ppl, args.recover_data) if s and s != "self"]
         save_pruned(model, tokenizer, job.out, report, overwrite=args.overwrite,
                     inputs=[args.model, *data_inputs, args.work_dir])
