@@ -4,9 +4,12 @@ Results are kept as data; these pages are generated from them, never edited by h
   python benchmarks/report.py                  # every results/*.json as markdown, to stdout
   python benchmarks/report.py --readme         # rewrite the block between the results markers in README.md
 Each JSON file is a dict; scalar fields (device, versions, ...) are listed, and every list of dicts
-becomes a table. A results/<name>.md written by its benchmark (quality, recovery quality) is used as is.
+becomes a table, except the files with their own page (RENDERERS: the quality method table, the
+HFPrune parity table), which quality.py also writes beside its JSON as it runs.
 """
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +61,131 @@ def render(path: Path) -> str:
         lines += ["", f"{name}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ quality (CPU)
+DOMAIN_TITLES = {"wikitext2": "WikiText-2", "stdlib": "stdlib code"}
+
+
+def _ppl(v: float) -> str:
+    """Perplexity to read at a glance: two decimals, or mantissa-exponent once it is past 10^4."""
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:.2f}" if v < 1e4 else f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
+
+
+def _spread(st: dict, fmt=_ppl) -> str:
+    """One seed: the value; several: the mean and [min-max] over the seeds."""
+    if st["n"] == 1:
+        return fmt(st["mean"])
+    return f"{fmt(st['mean'])} [{fmt(st['min'])}-{fmt(st['max'])}]"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def _peak(row: dict, step: str) -> str:
+    """'peak (+above the step's start)' in MiB: the second is what the step itself needed."""
+    above = row.get(f"{step}_peak_above_start_bytes")
+    return _mib(row[f"{step}_peak_memory_bytes"]) + (f" (+{_mib(above)})" if above is not None else "")
+
+
+def _versions(v: dict) -> str:
+    return ", ".join(f"{k} {x}" for k, x in v.items())
+
+
+def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) -> str:
+    """The method table of benchmarks/quality.py: per ratio, every method's perplexity on both domains
+    before and after the same recovery (mean and [min-max] over the calibration seeds), prune and
+    recovery time and peak memory, with the device, versions and data it was measured with."""
+    h = "#" * level
+    cal, ev, rec = res["calibration"], res["evaluation"], res["recovery"]
+    std = ev["domains"]["stdlib"]
+    base = res["base"]["perplexity"]
+    seeded = ", ".join(cal["seeded_methods"]) or "none"
+    once = ", ".join(cal["first_seed_only"])
+    lines = [f"{h} Quality: {res['model']['spec']}, every method, before and after recovery", "",
+             f"Device: {res['device']}, {res['dtype']}. Versions: {_versions(res['versions'])}.", "",
+             f"- **Calibration**: {cal['samples']} x {cal['seq_len']} tokens of `{os.path.basename(cal['source'])}` "
+             f"({cal['name']}; {cal['mode']}), seeds {', '.join(map(str, cal['seeds']))} for {seeded}"
+             + (f"; {once} at seed {cal['seeds'][0]} only (they read no calibration text)" if once else "")
+             + f". Scoring batch {cal['scoring_batch_size']}, engine {cal['engine']}; sdmprune alpha/T as in the "
+             "paper per ratio.",
+             f"- **Evaluation**: {ev['windows']} windows x {ev['seq_len']} tokens per domain, {ev['selection']}: "
+             f"WikiText-2 = `{os.path.basename(ev['domains']['wikitext2']['source'])}` "
+             f"({ev['domains']['wikitext2']['name']}); stdlib code = {len(std['files'])} files of the Python "
+             f"{std['python']} standard library, never in calibration (listed below).",
+             f"- **Recovery** (the same for every run): {rec['steps']} steps x {rec['sequences_per_step']} windows x "
+             f"{rec['seq_len']} tokens ({rec['tokens']:,} tokens) of `{os.path.basename(rec['data']['source'])}` "
+             f"(seed {rec['data']['seed']}), LoRA {rec['lora']}, lr {rec['lr']:g} ({rec['schedule']}), "
+             f"{rec['loss']}" + (f", alpha {rec['alpha']:g}, T {rec['temperature']:g}" if rec["alpha"] else "")
+             + f"; {rec['how']}.",
+             f"- **Unpruned**: {res['model']['params']:,} parameters; perplexity "
+             + ", ".join(f"{DOMAIN_TITLES[d]} **{base[d]['perplexity']:.2f}**" for d in DOMAIN_TITLES) + ".", ""]
+    if not res.get("complete", True):
+        lines += [f"**Partial run**: {len(res['runs'])} of {res['planned_runs']} runs measured.", ""]
+    ratios = []
+    for row in res["summary"]:
+        if row["ratio"] not in ratios:
+            ratios.append(row["ratio"])
+    cols = [f"{DOMAIN_TITLES[d]} {phase}" for d in DOMAIN_TITLES for phase in ("before", "after")]
+    for ratio in ratios:
+        rows = [r for r in res["summary"] if r["ratio"] == ratio]
+        r0 = rows[0]
+        lines += [f"{h}# {ratio:.0%} of all parameters removed: width {r0['width']}, {r0['params_after']:,} "
+                  f"parameters ({r0['removed']:.2%} removed)", "",
+                  "| method | seeds | " + " | ".join(cols) + " | prune (s) | prune peak (MiB) | recovery (s) | "
+                  "recovery peak (MiB) |", "|---" * (len(cols) + 6) + "|"]
+        for r in rows:
+            cells = [_spread(r[phase][d]) for d in DOMAIN_TITLES for phase in ("before", "after")]
+            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells)
+                         + f" | {_spread(r['prune_time_s'], lambda v: f'{v:.1f}')} | {_peak(r, 'prune')} | "
+                         f"{_spread(r['recovery_time_s'], lambda v: f'{v:.1f}')} | {_peak(r, 'recovery')} |")
+        lines.append("")
+    runs = res["runs"]
+    if runs:
+        kind = runs[0]["prune"]["peak_memory_kind"]
+        start = min(r["prune"]["memory_at_start_bytes"] for r in runs)
+        lines += [f"Perplexity cells: the mean over the seeds and [min-max]. Times are wall seconds of the whole call "
+                  f"on a shared machine. Peak memory (MiB, the largest over the seeds): {kind}; it includes the "
+                  f"unpruned model the benchmark keeps for the next run and the step's working copy ({_mib(start)} MiB "
+                  "or more at each step's start); (+N) is the peak above the step's start, what the step itself "
+                  "needed.", ""]
+    lines += [f"stdlib files ({std['stdlib_dir']}, in this order): " + ", ".join(f"`{f}`" for f in std["files"]) + ".",
+              "", f"Generated by `benchmarks/report.py` from `{source}` (written by `benchmarks/quality.py`); total "
+              f"wall time {res.get('wall_s', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def parity_markdown(res: dict, level: int = 2) -> str:
+    """benchmarks/hfprune_parity.py: per engine, the per-layer IoU of its kept channels against the
+    official loop."""
+    h = "#" * level
+    st = res["settings"]
+    cal = st["calibration"]
+    lines = [f"{h} HFPrune parity: kept channels of each engine vs the official loop", "",
+             f"Device: {res['device']}. Versions: {_versions(res['versions'])}. {st['model']} {st['dtype']}, "
+             f"{cal['samples']} x {cal['seq_len']} tokens of `{os.path.basename(cal['source'])}` (seed {cal['seed']}), "
+             f"ratio {st['ratio']:g}: width {st['width']} of {st['original_width']} in each of {st['layers']} layers. "
+             f"Official loop: {st['official_loop']} ({res.get('official_loop_s', 0):.0f} s). Target: {res['target']}.",
+             "", "| engine | status | IoU min | IoU mean | layers below target | channels swapped (all layers) | "
+             "largest swapped gap to the k-th score | score max rel. diff | time (s) | verdict |", "|---" * 10 + "|"]
+    for e in res["engines"]:
+        if "iou_min" in e:
+            lines.append(f"| {e['engine']} | {e['status']} | {e['iou_min']:.4f} | {e['iou_mean']:.4f} | "
+                         f"{len(e['layers_below_target'])} | {e['channels_swapped_all_layers']} | "
+                         f"{e['swapped_max_rel_gap_to_kth']:.1e} | {e['score_max_rel_diff']:.1e} | "
+                         f"{e.get('seconds', 0):.0f} | {_yes(e['meets_target'])} |")
+        else:
+            lines.append(f"| {e['engine']} | {e['status']} | | | | | | | | not measured |")
+    lines += ["", f"Generated by `benchmarks/report.py` from `hfprune_parity.json`; total wall time "
+              f"{res.get('wall_s', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"quality": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
+             "hfprune_parity": lambda data, name: parity_markdown(data, level=2)}
 
 
 def _load(name: str):
@@ -187,11 +315,12 @@ SUMMARIES = {"fused_linear_distill_loss": _loss_summary, "taylor_importance": _t
 
 def readme_block() -> str:
     out = []
-    for name, title in (("quality", "Quality without recovery"), ("recovery_quality", "Quality after recovery")):
-        md = RESULTS / f"{name}.md"
-        if md.exists():
-            body = md.read_text().split("\n", 1)[1].strip()  # drop the page's own H1
-            out += [f"### {title}", "", body, ""]
+    quality = _load("quality")
+    if quality is not None:
+        out += [quality_markdown(quality, "quality.json", level=3)]
+    parity = _load("hfprune_parity")
+    if parity is not None:
+        out += [parity_markdown(parity, level=3)]
     loaded = {name: _load(name) for name in GPU_BENCHMARKS}
     devices = sorted({_device(data) for data in loaded.values() if data})
     out += ["### GPU speed and memory", "",
@@ -233,7 +362,8 @@ def main(argv):
     if not files:
         print("No results yet.")
     for f in files:
-        print(render(f))
+        special = RENDERERS.get(f.stem)
+        print(special(json.loads(f.read_text()), f.stem) if special else render(f))
 
 
 if __name__ == "__main__":

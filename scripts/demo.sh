@@ -50,5 +50,5 @@ OUT=${DEMO_OUT:-out/smollm2-135m-sdmprune-20}
 exec sdmprune prune smollm2-135m --out "$OUT" --overwrite \
   --ratio "${DEMO_RATIO:-0.2}" --method sdmprune --calib "$CALIB" \
   --samples "${DEMO_SAMPLES:-8}" --seq-len "${DEMO_SEQ_LEN:-128}" --batch-size 4 --engine auto \
-  --recover-steps "${DEMO_RECOVER_STEPS:-4}" --recover-lr 2e-4 \
+  --recover-steps "${DEMO_RECOVER_STEPS:-4}" --recover-lr 1e-3 \
   --eval-ppl "$EVAL" --eval-seq-len "${DEMO_EVAL_SEQ_LEN:-256}" --eval-windows "${DEMO_EVAL_WINDOWS:-16}"

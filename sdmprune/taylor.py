@@ -416,7 +416,10 @@ def _reference_hfprune(run: ScoringRun) -> Selection:
     hooks = [m.down.register_forward_pre_hook(keep_input(m.index)) for m in mlps]
     was_training = model.training
     model.eval()
-    model.enable_input_require_grads()  # gradients reach H although every weight is frozen
+    # gradients reach H although every weight is frozen (a hook the caller installed is left alone)
+    enabled_here = not getattr(model, "_require_grads_hooks", None)
+    if enabled_here:
+        model.enable_input_require_grads()
     try:
         for p, _ in saved:
             p.requires_grad_(False)
@@ -437,7 +440,8 @@ def _reference_hfprune(run: ScoringRun) -> Selection:
     finally:
         for h in hooks:
             h.remove()
-        model.disable_input_require_grads()
+        if enabled_here:
+            model.disable_input_require_grads()
         for p, flag in saved:
             p.requires_grad_(flag)
         model.train(was_training)

@@ -1,5 +1,7 @@
 """The GPU benchmarks' host-side logic (run specs, budgets) and the CPU smoke run of bench_pipeline:
-the GPU session runs these scripts unchanged, so what can break on the CPU is checked here."""
+the GPU session runs these scripts unchanged, so what can break on the CPU is checked here. The CPU
+quality benchmark (quality.py) and the HFPrune parity check (hfprune_parity.py) run end to end on a
+tiny random model: their real runs on SmolLM2-135M take tens of minutes on a CPU."""
 import importlib.util
 import json
 import os
@@ -7,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -212,3 +215,116 @@ def test_pipeline_merge_keeps_the_first_measurement_of_a_run(tmp_path):
     assert merged["runs"][0]["tokens_per_s"] == 1000.0 and merged["iou_1b"] == {"0": 0.9}
     assert {k: merged[k] for k in head} == head
     assert "8b:fused:mem=18GiB" in (tmp_path / "results" / "pipeline.md").read_text()
+
+
+# ------------------------------------------------------------------------- benchmarks/quality.py
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """A tiny random LLaMA with a byte tokenizer saved as a model folder, and a text file standing in for
+    the WikiText files (the real model and data take minutes per run on this CPU)."""
+    import random
+
+    from conftest import make_byte_tokenizer, tiny_model
+
+    root = tmp_path_factory.mktemp("quality")
+    tiny_model(seed=0).save_pretrained(root / "model")
+    make_byte_tokenizer().save_pretrained(root / "model")
+    words = "the of a river city king song army game film north year first was were and in to".split()
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    return root
+
+
+@pytest.fixture
+def restore_threads():
+    """The scripts run in this process here, and --threads 1 sets torch's global thread count."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quality_smoke_run_has_both_domains_before_after_and_seed_spreads(tiny_inputs, tmp_path, restore_threads):
+    """quality.py end to end on a tiny model: a seeded method over three calibration seeds and an
+    unseeded one once, both ratios, one recovery step; the JSON holds every domain before and after
+    recovery for every run, the seed spreads, the data it used, and the markdown table beside it."""
+    text = str(tiny_inputs / "text.txt")
+    out = tmp_path / "quality.json"
+    code = load("quality").main([
+        "--model", str(tiny_inputs / "model"), "--methods", "hfprune,magnitude", "--ratios", "0.2,0.3",
+        "--seeds", "0,1,2", "--calib", text, "--wikitext", text, "--recover-data", text, "--samples", "2",
+        "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2", "--eval-seq-len", "16", "--recover-steps",
+        "1", "--recover-batch", "2", "--recover-seq-len", "16", "--stdlib-files", "abc.py,bisect.py",
+        "--threads", "1", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["planned_runs"] == len(res["runs"]) == 2 * 3 + 2
+    # every method at the first seed before any repetition, so a cut run has the whole table once
+    assert [(r["seed"], r["method"]) for r in res["runs"][:4]] == [(0, "hfprune"), (0, "magnitude")] * 2
+    domains = res["evaluation"]["domains"]
+    assert set(domains) == {"wikitext2", "stdlib"}
+    assert domains["stdlib"]["files"] == ["abc.py", "bisect.py"] and domains["stdlib"]["python"]
+    assert len(domains["wikitext2"]["window_starts"]) == 2
+    for r in res["runs"]:
+        for phase in ("before", "after"):
+            for d in ("wikitext2", "stdlib"):
+                ppl = r[phase][d]
+                assert 1 < ppl["perplexity"] < float("inf") and ppl["windows"] == 2 and ppl["seq_len"] == 16
+        assert r["recovery"]["steps"] == 1 and r["recovery"]["time_s"] > 0
+        assert r["prune"]["peak_memory_bytes"] >= r["prune"]["memory_at_start_bytes"] > 0
+    assert res["recovery"]["tokens"] == 1 * 2 * 16 and res["calibration"]["seeds"] == [0, 1, 2]
+    summary = {(s["ratio"], s["method"]): s for s in res["summary"]}
+    assert set(summary) == {(q, m) for q in (0.2, 0.3) for m in ("hfprune", "magnitude")}
+    for (ratio, method), s in summary.items():
+        runs = [r for r in res["runs"] if r["ratio"] == ratio and r["method"] == method]
+        for phase in ("before", "after"):
+            for d in ("wikitext2", "stdlib"):
+                st, values = s[phase][d], [r[phase][d]["perplexity"] for r in runs]
+                assert st["n"] == len(values) == (3 if method == "hfprune" else 1)
+                assert st["min"] == min(values) and st["max"] == max(values)
+                assert st["mean"] == pytest.approx(sum(values) / len(values))
+                assert (st["std"] is None) == (st["n"] == 1)
+    # the three calibration seeds draw different windows, so hfprune's perplexities differ between them
+    spread = summary[(0.2, "hfprune")]["before"]["wikitext2"]
+    assert spread["max"] > spread["min"] and spread["std"] > 0
+    md = (tmp_path / "quality.md").read_text()
+    assert "WikiText-2 before | WikiText-2 after | stdlib code before | stdlib code after" in md
+    assert "`abc.py`, `bisect.py`" in md and "| hfprune | 3 |" in md and "| magnitude | 1 |" in md
+    assert "Partial run" not in md
+    # a run cut short says how much of the plan it measured
+    res["runs"], res["summary"], res["complete"] = res["runs"][:3], load("quality").summarize(res["runs"][:3]), False
+    assert "Partial run**: 3 of 8 runs measured" in load("report").quality_markdown(res)
+
+
+def test_quality_evaluation_windows_cover_the_whole_text():
+    q = load("quality")
+    stream, starts = q.spread_windows(torch.arange(1000), 4, 100)
+    assert starts == [0, 200, 500, 700] and torch.equal(stream[100:200], torch.arange(200, 300))
+    with pytest.raises(SystemExit):
+        q.spread_windows(torch.arange(350), 4, 100)
+
+
+def test_hfprune_parity_smoke_run(tiny_inputs, tmp_path, restore_threads):
+    """hfprune_parity.py on a tiny model: the torch and reference engines against its own statement of
+    the official loop, per-layer IoU written with the settings."""
+    out = tmp_path / "parity.json"
+    code = load("hfprune_parity").main(["--model", str(tiny_inputs / "model"), "--calib",
+                                        str(tiny_inputs / "text.txt"), "--samples", "3", "--seq-len", "12",
+                                        "--engines", "torch,reference,fused", "--batch-size", "2", "--threads",
+                                        "1", "--fused-budget-s", "0.003", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert [e["engine"] for e in res["engines"]] == ["torch", "reference", "fused"]
+    # the fused engine runs in a child under the Triton interpreter; a budget no layer fits skips it
+    # after (or during) its one-layer probe, and the JSON says so instead of a result
+    from sdmprune.kernels.utils import triton_available
+
+    fused = res["engines"].pop()
+    if triton_available():
+        assert fused["status"].startswith("skipped: one decoder layer on one sample") and not fused["ran"]
+    else:
+        assert fused["status"].startswith("failed")
+    for e in res["engines"]:
+        assert len(e["iou_per_layer"]) == res["settings"]["layers"] == 2
+        assert e["meets_target"] and e["iou_min"] >= 0.98 and e["score_max_rel_diff"] < 1e-3
+    assert res["settings"]["width"] < res["settings"]["original_width"]
+    assert "| torch | ran |" in load("report").parity_markdown(res)
