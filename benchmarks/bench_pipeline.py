@@ -12,12 +12,15 @@ per-layer IoU of the kept channels of fused vs reference on the same samples.
     python benchmarks/bench_pipeline.py --merge a.json b.json --out benchmarks/results/pipeline.json
                                           # one results file from runs measured in separate commands
 
-A run is shape:engine[:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES]: N samples per
-backward pass, gradient checkpointing off, the fused loss's token chunk, the checkpointed layer
-inputs offloaded to pinned host memory (PruneConfig.offload_activations), a memory budget that picks
-the batch (SIZE such as 18GiB, or ref/3: a third of the measured peak of the same shape's reference
-run listed before it), or the number of samples of this run (default --samples; s/sample is per
-sample either way, so a batch that does not divide 16 can run whole batches).
+A run is shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES]: the
+gradient method (sdmprune, the default, taylor or hfprune; the reference engine is then that method's
+official loop), N samples per backward pass, gradient checkpointing off, the fused loss's token
+chunk, the checkpointed layer inputs offloaded to pinned host memory
+(PruneConfig.offload_activations), a memory budget that picks the batch (SIZE such as 18GiB, or
+ref/3: a third of the measured peak of the same shape and method's reference run listed before it),
+or the number of samples of this run (default --samples; s/sample is per sample either way, so a
+batch that does not divide 16 can run whole batches). The 1B kept-channel IoU of fused vs reference
+is reported per method.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ def worker(args) -> dict:
     width = 120 if args.smoke else SHAPES[args.shape][1]
     shape = config if args.smoke else BUILTIN_SHAPES[shape_name]
     ckpt = not args.no_checkpointing
-    cfg = PruneConfig(width=width, engine=args.engine, batch_size=args.batch_size, gradient_checkpointing=ckpt,
+    cfg = PruneConfig(width=width, method=args.method, engine=args.engine, batch_size=args.batch_size,
+                      gradient_checkpointing=ckpt,
                       loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations,
                       progress=False, seed=0)
     if args.max_memory:  # what `sdmprune prune --max-memory` picks
@@ -104,7 +108,8 @@ def worker(args) -> dict:
     stage_s = {k: st["time_s"].get(k) for k in ("stage1", "stage2")}
     scoring_s = sum(v for v in stage_s.values() if v)
     out = {
-        "shape": shape_name, "engine": st.get("engine"), "backend": st.get("backend"), "samples": n,
+        "shape": shape_name, "method": args.method, "engine": st.get("engine"), "backend": st.get("backend"),
+        "samples": n,
         "seq_len": args.seq_len, "batch_size": batch, "checkpointing": ckpt, "loss_chunk": args.loss_chunk,
         "offload_activations": args.offload_activations, "activation_offload": st.get("activation_offload"),
         "max_memory": args.max_memory, "build_s": round(build_s, 3),
@@ -148,27 +153,36 @@ DEFAULT_RUNS = ",".join([
     "8b:fused:mem=18GiB",             # the batch predict_peak_memory fits into 18 GiB
     "8b:fused:b=4:ckpt=0",            # throughput on a large card
     "8b:fused:mem=18GiB:act=1:n=26",  # offloaded layer inputs: a larger batch in the same 18 GiB
+    # hfprune beside sdmprune: against its own official loop (one frozen copy, retained H and dL/dH)
+    "1b:reference:m=hfprune",
+    "1b:fused:m=hfprune:mem=ref/3:chunk=128",
+    "8b:reference:m=hfprune",
+    "8b:fused:m=hfprune:mem=18GiB",
 ])
-KEYS = ("b", "ckpt", "chunk", "act", "mem", "n")
+KEYS = ("m", "b", "ckpt", "chunk", "act", "mem", "n")
+TEXT_KEYS = ("m", "mem")
+METHODS = ("sdmprune", "taylor", "hfprune")
 FLAGS = ("ckpt", "act")
 
 
 def parse_run(spec: str) -> dict:
-    """'shape:engine[:b=N][:ckpt=0|1][:chunk=ROWS][:act=0|1][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
+    """'shape:engine[:m=METHOD][:b=N][:ckpt=0|1][:chunk=ROWS][:act=0|1][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
     parts = spec.strip().split(":")
-    want = "shape:engine[:b=N][:ckpt=0][:chunk=N][:act=1][:mem=SIZE|ref/K][:n=SAMPLES]"
+    want = "shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=N][:act=1][:mem=SIZE|ref/K][:n=SAMPLES]"
     if len(parts) < 2:
         raise SystemExit(f"bad run spec {spec!r}: want {want}")
-    run = {"shape": parts[0], "engine": parts[1], "b": None, "ckpt": True, "chunk": None, "act": False,
+    run = {"shape": parts[0], "engine": parts[1], "m": "sdmprune", "b": None, "ckpt": True, "chunk": None, "act": False,
            "mem": None, "n": None, "spec": spec}
     for kv in parts[2:]:
         k, _, v = kv.partition("=")
         if k not in KEYS:
             raise SystemExit(f"bad run spec {spec!r}: unknown key {k!r} (want {want})")
         try:
-            run[k] = v if k == "mem" else (v not in ("0", "false") if k in FLAGS else int(v))
+            run[k] = v if k in TEXT_KEYS else (v not in ("0", "false") if k in FLAGS else int(v))
         except ValueError:
             raise SystemExit(f"bad run spec {spec!r}: {k}={v!r} is not an integer") from None
+    if run["m"] not in METHODS:
+        raise SystemExit(f"bad run spec {spec!r}: m={run['m']!r} is not one of {', '.join(METHODS)}")
     if run["mem"] and run["mem"].startswith("ref/"):
         try:
             run["mem_ref_divisor"] = float(run["mem"][4:])
@@ -178,20 +192,27 @@ def parse_run(spec: str) -> dict:
 
 
 def resolve_budget(run: dict, reference_peaks: dict) -> dict:
-    """mem=ref/K -> a byte budget from the measured peak of this shape's reference run (or an error)."""
+    """mem=ref/K -> a byte budget from the measured peak of this shape and method's reference run (or an
+    error). ``reference_peaks``: {(shape, method): GiB}."""
     k = run.get("mem_ref_divisor")
     if k is None:
         return run
-    peak = reference_peaks.get(run["shape"])
+    peak = reference_peaks.get((run["shape"], run["m"]))
     if peak is None:
-        return dict(run, error=f"mem={run['mem']}: no measured {run['shape']}:reference run before this one")
+        return dict(run, error=f"mem={run['mem']}: no measured {reference_spec(run)} run before this one")
     return dict(run, mem=str(int(peak * 2**30 / k)), mem_spec=run["mem"])
+
+
+def reference_spec(run: dict) -> str:
+    """The spec of the reference run a ``mem=ref/K`` run measures against."""
+    return f"{run['shape']}:reference" + ("" if run["m"] == "sdmprune" else f":m={run['m']}")
 
 
 def run_one(args, run: dict, save_keep=None) -> dict:
     b = run["b"] if run["b"] is not None else args.batch_size
     n = run.get("n") or args.samples
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--shape", run["shape"], "--engine", run["engine"],
+           "--method", run["m"],
            "--samples", str(n), "--seq-len", str(args.seq_len), "--batch-size", str(b)]
     mem = run["mem"] or args.max_memory
     if mem:
@@ -208,7 +229,7 @@ def run_one(args, run: dict, save_keep=None) -> dict:
         cmd += ["--save-keep", save_keep]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"spec": run["spec"], "shape": run["shape"], "engine": run["engine"],
+        return {"spec": run["spec"], "shape": run["shape"], "method": run["m"], "engine": run["engine"],
                 "error": proc.stderr.strip().splitlines()[-1:]}
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), spec=run["spec"])
 
@@ -254,12 +275,21 @@ def write_results(report: dict, path: str) -> None:
                     f"{s1} | {s2} | {r['tokens_per_s']:.0f} | {peak} | {r['predicted_peak_gib']:.2f} |")
     md = [f"Device: {report['versions'].get('device')}; versions: " + ", ".join(
         f"{k} {v}" for k, v in report["versions"].items() if k != "device"), "", *rows]
-    if report.get("iou_1b"):
-        vals = list(report["iou_1b"].values())
-        md += ["", f"1B fused vs reference kept-channel IoU per layer: min {min(vals):.4f}, "
-               f"mean {sum(vals) / len(vals):.4f}"]
+    for key, method in [("iou_1b", "sdmprune")] + [(f"iou_1b_{m}", m) for m in METHODS if m != "sdmprune"]:
+        if report.get(key):
+            vals = list(report[key].values())
+            md += ["", f"1B fused vs reference kept-channel IoU per layer ({method}): min {min(vals):.4f}, "
+                   f"mean {sum(vals) / len(vals):.4f}"]
     with atomic_write_file(os.path.splitext(path)[0] + ".md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
+
+
+def iou_key(method: str) -> str:
+    """The report's key of the 1B fused-vs-reference IoU of ``method``."""
+    return "iou_1b" if method == "sdmprune" else f"iou_1b_{method}"
+
+
+IOU_KEYS = tuple(iou_key(m) for m in METHODS)
 
 
 def merge_reports(paths) -> dict:
@@ -272,13 +302,15 @@ def merge_reports(paths) -> dict:
             rep = json.load(fh)
         if merged is None:
             merged = dict(rep, runs=[])
-            merged.pop("iou_1b", None)
+            for key in IOU_KEYS:
+                merged.pop(key, None)
         for r in rep.get("runs", []):
             if r.get("spec") not in seen:
                 seen.add(r.get("spec"))
                 merged["runs"].append(r)
-        if rep.get("iou_1b") and "iou_1b" not in merged:
-            merged["iou_1b"] = rep["iou_1b"]
+        for key in IOU_KEYS:
+            if rep.get(key) and key not in merged:
+                merged[key] = rep[key]
     return merged
 
 
@@ -300,6 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="1b", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="fused", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="sdmprune", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--save-keep", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -312,7 +345,7 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2
-        runs = [parse_run("smoke:torch"), parse_run("smoke:torch:act=1")]
+        runs = [parse_run("smoke:torch"), parse_run("smoke:torch:act=1"), parse_run("smoke:torch:m=hfprune")]
     else:
         if not torch.cuda.is_available():
             print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",
@@ -327,25 +360,28 @@ def main(argv=None) -> int:
         for i, run in enumerate(runs):
             run = resolve_budget(run, reference_peaks)
             if "error" in run:
-                r = {"spec": run["spec"], "shape": run["shape"], "engine": run["engine"], "error": run["error"]}
+                r = {"spec": run["spec"], "shape": run["shape"], "method": run["m"], "engine": run["engine"],
+                     "error": run["error"]}
                 print(json.dumps(r), flush=True)
                 report["runs"].append(r)
                 continue
-            # the first 1b run of each engine on the default samples keeps its channels for the IoU
-            want_keep = run["shape"] == "1b" and run["engine"] not in keeps and not run.get("n")
+            # the first 1b run of each engine and method on the default samples keeps its channels for the IoU
+            key = (run["engine"], run["m"])
+            want_keep = run["shape"] == "1b" and key not in keeps and not run.get("n")
             keep_path = os.path.join(tmp, f"{i}.pt") if want_keep else None
             r = run_one(args, run, keep_path)
             if run.get("mem_spec"):
                 r["max_memory_spec"] = run["mem_spec"]
             if run["engine"] == "reference" and r.get("peak_memory_gib"):
-                reference_peaks[run["shape"]] = r["peak_memory_gib"]
+                reference_peaks[(run["shape"], run["m"])] = r["peak_memory_gib"]
             print(json.dumps({k: v for k, v in r.items() if k != "predicted"}), flush=True)
             report["runs"].append(r)
             if keep_path and os.path.exists(keep_path):
-                keeps[run["engine"]] = torch.load(keep_path)
+                keeps[key] = torch.load(keep_path)
+            for method in METHODS:
+                if ("fused", method) in keeps and ("reference", method) in keeps:
+                    report[iou_key(method)] = iou(keeps[("fused", method)], keeps[("reference", method)])
             write_results(report, out)  # after every run: a later crash keeps what was measured
-        if "fused" in keeps and "reference" in keeps:
-            report["iou_1b"] = iou(keeps["fused"], keeps["reference"])
     write_results(report, out)
     print(f"wrote {out}" + (" (CPU smoke: no GPU numbers)" if args.smoke else ""), file=sys.stderr)
     return 0 if all("error" not in r for r in report["runs"]) else 1

@@ -238,15 +238,30 @@ def _gather_summary(d):
     return text, _yes(ok)
 
 
-def _fused_vs_reference(d, shape):
-    """[(run, stage-2 speed-up, peak ratio)] of every fused run of ``shape`` against the reference run
-    of the same file (None when the file has no reference run of that shape)."""
-    runs = [r for r in d["runs"] if "error" not in r and r["shape"] == shape]
+def _fused_vs_reference(d, shape, method="sdmprune"):
+    """[(run, speed-up, peak ratio)] of every fused run of ``shape`` and ``method`` against the reference
+    run of the same file and method (None when there is none): sdmprune's stage 2, the one stage of the
+    others. Runs written before the method was recorded are sdmprune's."""
+    runs = [r for r in d["runs"] if "error" not in r and r["shape"] == shape and r.get("method", "sdmprune") == method]
     ref = next((r for r in runs if r["engine"] == "reference"), None)
     if ref is None:
         return None
-    return [(r, ref["stage_s_per_sample"]["stage2"] / r["stage_s_per_sample"]["stage2"],
+    stage = "stage2" if method == "sdmprune" else "stage1"
+    return [(r, ref["stage_s_per_sample"][stage] / r["stage_s_per_sample"][stage],
              r["peak_memory_gib"] / ref["peak_memory_gib"]) for r in runs if r["engine"] == "fused"]
+
+
+def _method_summary(d, method):
+    """One line on ``method``'s fused runs against its own reference loop (no target: for reading)."""
+    parts = []
+    for shape, label in (("llama-3.1-8b", "8B"), ("llama-3.2-1b", "1B")):
+        for r, sp, mem in _fused_vs_reference(d, shape, method) or []:
+            parts.append(f"{label} {r['spec']} (batch {r['batch_size']}): {r['peak_memory_gib']:.2f} GiB = "
+                         f"{mem:.2f}x its reference's peak, {sp:.2f}x its samples/s")
+    iou = d.get(f"iou_1b_{method}") or {}
+    if iou:
+        parts.append(f"1B kept-channel IoU vs its reference min {min(iou.values()):.3f}")
+    return f"{method}: " + "; ".join(parts) if parts else None
 
 
 def _best_1b(d):
@@ -278,7 +293,9 @@ def _pipeline_summary(d):
         text8, ok8 = "8B: no fused run within 18 GiB", False
     iou = d.get("iou_1b") or {}
     iou_s = f"; 1B kept-channel IoU vs reference min {min(iou.values()):.3f}" if iou else ""
-    return (f"{text8}; {text1} (stage 2, against the same-run reference){iou_s}"), f"8B {_yes(ok8)}, 1B {_yes(ok1)}"
+    hf = _method_summary(d, "hfprune")
+    return (f"{text8}; {text1} (stage 2, against the same-run reference){iou_s}" + (f". {hf}" if hf else ""),
+            f"8B {_yes(ok8)}, 1B {_yes(ok1)}")
 
 
 def _pipeline_1b_summary(d):

@@ -88,7 +88,11 @@ def token_splits(T: int, I: int, block_t: int, block_i: int, device) -> int:
     return int(max(1, min(want, t_blocks // 4)))
 
 
-def activation_scores_torch_(scores, h, dh, token_mask=None, chunk_elems: int = 1 << 24):
+# elements per token chunk of the PyTorch path (its float32 temporaries: a few of this size)
+TORCH_CHUNK_ELEMS = 1 << 24
+
+
+def activation_scores_torch_(scores, h, dh, token_mask=None, chunk_elems: int = TORCH_CHUNK_ELEMS):
     """PyTorch path of ``accumulate_activation_scores_``: token chunks of at most ``chunk_elems``
     elements, products in float32 (or wider)."""
     T, I = h.shape

@@ -762,8 +762,11 @@ def _check_inputs(h_s, w, labels, h_t, w_t, kl_mask, temperature):
 class _LinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w, labels, h_t, w_t, kl_mask, alpha, temperature, ignore_index, impl,
-                token_chunk, vocab_block, row_splits):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                token_chunk, vocab_block, row_splits, grad_enabled):
+        # under no_grad (evaluation) the caller's grad mode is off and no gradient is formed: inside
+        # forward it is always off, so the launcher passes it in
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         N, d = h_s.shape
         V = w.shape[0]
@@ -837,7 +840,7 @@ class _LinearDistillFunction(torch.autograd.Function):
             grad_h = grad_h * g_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * g_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _row_coefficients(labels, kl_mask, alpha, ignore_index, has_t, N, dev):
@@ -935,7 +938,7 @@ def _run(impl, student_hidden, weight, labels, teacher_hidden, teacher_weight, a
     else:
         loss, ce, kl = _LinearDistillFunction.apply(
             student_hidden, weight, labels, h_t, w_t, kl_mask, float(alpha), float(temperature),
-            int(ignore_index), impl, token_chunk, vocab_block, vocab_splits)
+            int(ignore_index), impl, token_chunk, vocab_block, vocab_splits, torch.is_grad_enabled())
     if return_parts:
         return loss, ce.detach(), kl.detach()
     return loss

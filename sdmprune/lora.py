@@ -2,6 +2,7 @@
 the merge. The official recipe's defaults: r 8, alpha 16, dropout 0.05 on all seven linear modules."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List
 
 from .errors import InputError
@@ -36,7 +37,10 @@ def apply_lora(model, cfg):
         raise InputError(f"--targets: the model has no module named {', '.join(missing)}")
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``: a warning the user cannot act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
 def unwrap_peft_attrs(model) -> None:

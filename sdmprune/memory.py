@@ -13,21 +13,25 @@ The model (``predict_peak_memory``) follows what the engines keep alive, per ran
   ``shard="fsdp"``: ``ceil(P_layers/g)*b`` of sharded layers + two gathered layers (the one
   running and the prefetched next) + the non-layer parameters. ``offload="cpu"``: the non-layer
   parameters + two layer buffers (double buffering); the layers live in pinned host memory.
-  The reference engine holds a student and a teacher copy, the bf16 MLP weight gradients and an
-  ``I x d`` element-score matrix per layer.
-* teacher cache: stage 2 reads the cached final hidden states of the batch, ``T*d*b`` on the GPU
-  (the whole cache, ``N*L*d*b``, lives in host memory).
+  The reference engine of the weight-Taylor methods (sdmprune, taylor) holds the bf16 MLP weight
+  gradients and an ``I x d`` element-score matrix per layer, and for sdmprune's stage 2 a second
+  (teacher) copy; hfprune's reference loop holds one frozen copy.
+* teacher cache (sdmprune only): stage 2 reads the cached final hidden states of the batch,
+  ``T*d*b`` on the GPU (the whole cache, ``N*L*d*b``, lives in host memory).
 * activations: with per-layer gradient checkpointing, each layer's input ``T*d*b`` is kept (with
   ``offload_activations`` they wait in pinned host memory and two are on the GPU at once), plus
   one layer recomputed and back-propagated at a time (attention projections; the RMSNorms keep their
   input and a float32 1/rms per row; the MLP saves only its input and back-propagates in chunks of
-  whole samples holding five ``chunk x I`` temporaries, chunk = 256 MiB worth, at least one sample). Without checkpointing
-  every layer's saved tensors are kept (the MLP's gate/up outputs among them).
+  whole samples holding five ``chunk x I`` temporaries, six for hfprune, whose activation score
+  still reads dL/dH; chunk = 256 MiB worth, at least one sample). Without checkpointing every
+  layer's saved tensors are kept (the MLP's gate/up outputs among them). hfprune's reference loop
+  also keeps every layer's down_proj input and its gradient, ``2*T*I*b`` per layer.
 * scratch: the loss and the importance op. The fused LM-head loss holds float32 per-token
-  statistics and one token x vocabulary tile; the unfused loss (reference engine) holds student and
-  teacher logits, their float32 softmaxes and the logit gradient, ``T*V`` each. The fused importance
-  op holds a float32 score vector per layer; the torch backend of the same op forms one float32
-  ``I x d`` product per sample.
+  statistics and one token x vocabulary tile (with a teacher column for sdmprune's stage 2); the
+  unfused loss (reference engine) holds the logits and their float32 copies, softmaxes and
+  gradient, ``T*V`` each. The fused importance op holds a float32 score vector per layer; the torch
+  backend of the weight score forms one float32 ``I x d`` product per sample, that of the activation
+  score float32 products of a fixed number of elements.
 
 These are estimates of the dominant terms, not allocator-exact numbers: ``bench_pipeline.py``
 prints the measured peak beside the prediction.
@@ -170,7 +174,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
                         shard: Optional[str] = None, offload: Optional[str] = None, engine: str = "fused",
                         gradient_checkpointing: bool = True,
                         loss_token_chunk: Optional[int] = None,
-                        offload_activations: bool = False) -> Dict[str, int]:
+                        offload_activations: bool = False, method: str = "sdmprune") -> Dict[str, int]:
     """Predicted peak memory of one GPU (one rank) during a prune, in bytes.
 
     ``batch_size`` is samples per backward pass on one rank; ``engine`` is "fused" (Triton kernels),
@@ -180,7 +184,11 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     "host_teacher_cache_per_sample" (host memory, not in "total"). ``loss_token_chunk`` is
     PruneConfig.loss_token_chunk (None: the loss's own 768 MiB chunk plan). ``offload_activations``:
     PruneConfig.offload_activations (needs checkpointing); its host copies are "host_activations".
+    ``method``: the gradient method, "sdmprune" (two stages, the second against cached teacher states),
+    "taylor" (CE, one stage) or "hfprune" (entropy, activation Taylor, one stage).
     """
+    from .taylor import OBJECTIVES
+
     s = shape_of(config)
     if seq_len < 1 or batch_size < 1 or gpus < 1:
         raise InputError("seq_len, batch_size and gpus must be >= 1")
@@ -188,6 +196,8 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         raise InputError(f"unknown shard mode {shard!r} (supported: fsdp)")
     if offload not in (None, "cpu"):
         raise InputError(f"unknown offload target {offload!r} (supported: cpu)")
+    if method not in OBJECTIVES:
+        raise InputError(f"the memory model covers the gradient methods ({', '.join(OBJECTIVES)}), not {method!r}")
     if engine not in ENGINES:
         raise InputError(f"unknown engine {engine!r} (supported: {', '.join(ENGINES)})")
     if shard and offload:
@@ -210,12 +220,14 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         weights = math.ceil(n * s.layer_parameters / gpus) * b + 2 * layer_bytes + s.other_parameters * b
     else:
         weights = s.parameters * b
-    if engine == "reference":
-        # teacher copy + bf16 weight gradients of every MLP matrix + an I x d element-score matrix per layer
-        weights = 2 * weights + n * 3 * I * d * b + n * I * d * b
+    distils = method == "sdmprune"  # a stage against the original model's outputs
+    activation_score = method == "hfprune"  # scored at the down_proj input, weights frozen
+    if engine == "reference" and not activation_score:
+        # bf16 weight gradients of every MLP matrix + an I x d element-score matrix per layer (+ the teacher copy)
+        weights = (2 if distils else 1) * weights + n * 3 * I * d * b + n * I * d * b
 
     # stage 2 reads the batch's cached teacher hidden states
-    teacher_cache = 0 if engine == "reference" else T * d * b
+    teacher_cache = T * d * b if distils and engine != "reference" else 0
 
     # one decoder layer's live tensors while it is recomputed and back-propagated
     attn = T * (3 * d + 2 * q + 3 * kv) * b + T * s.num_attention_heads * 4  # norm out, q/k/v (+rope), attn out, o; lse
@@ -233,7 +245,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         # kernels.gated_mlp: with checkpointing the MLP saves only x and its backward recomputes gate/up
         # in chunks of whole samples (5 [C, I] temporaries); without, it saves gate/up (2 [T, I]) and
         # backward holds 3 [C, I] temporaries. dY and dX are [T, d].
-        per_token = (5 if gradient_checkpointing else 3) * I * b
+        per_token = ((5 if gradient_checkpointing else 3) + activation_score) * I * b
         C = min(T, max(seq_len, BACKWARD_CHUNK_BYTES // per_token // seq_len * seq_len))
         mlp_saved = 0 if gradient_checkpointing else T * 2 * I * b
         mlp_backward = C * per_token + 2 * T * d * b
@@ -247,10 +259,13 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         saved = T * (3 * d + 2 * q + 3 * kv) * b + mlp_saved + (norms // 2 if engine == "reference" else norms)
         activations = n * saved + one_layer
     activations += 2 * T * d * b  # final hidden states and their gradient
+    if engine == "reference" and activation_score:
+        activations += n * 2 * T * I * b  # every down_proj input and its retained gradient
 
     if engine == "reference":
-        # student logits (dtype) + float32 log-softmax, teacher float32 softmax, logit gradient
-        loss_scratch = T * V * (b + 4 * 4)
+        # logits (dtype) + their float32 copy, log-softmax and gradient (sdmprune: the teacher's
+        # float32 softmax; hfprune: the probabilities)
+        loss_scratch = T * V * (b + 4 * (3 if method == "taylor" else 4))
     else:
         # the launcher's own chunk plan (GPU defaults of the backend the engine uses), the gradient of the
         # student hidden states it holds from forward to backward, and a few float32 per-row statistics
@@ -259,17 +274,22 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         from sdmprune.kernels.fused_linear_distill_loss import plan_chunks
 
         tdtype = {2: torch.bfloat16, 4: torch.float32}.get(b, torch.float32)
-        chunks = plan_chunks(T, V, d, tdtype, "cuda", backend="triton" if engine == "fused" else "torch",
-                             token_chunk=loss_token_chunk)
+        chunks = plan_chunks(T, V, d, tdtype, "cuda", has_teacher=distils,
+                             backend="triton" if engine == "fused" else "torch", token_chunk=loss_token_chunk)
         loss_scratch = chunks.scratch_bytes + T * d * b + T * 4 * 8
 
     scores = n * I * 4
-    if engine == "fused":
+    if engine == "reference":
+        importance_scratch = scores if activation_score else 0  # the weight scores: counted with the weights
+    elif engine == "fused":
         importance_scratch = scores
-    elif engine == "torch":
-        importance_scratch = scores + 2 * I * d * 4  # one float32 per-sample I x d product + abs temp
+    elif activation_score:
+        from sdmprune.kernels.activation_taylor import TORCH_CHUNK_ELEMS
+
+        # float32 copies of H and dL/dH of one token chunk and their product
+        importance_scratch = scores + 3 * min(T * I, TORCH_CHUNK_ELEMS) * 4
     else:
-        importance_scratch = 0  # counted with the weights
+        importance_scratch = scores + 2 * I * d * 4  # one float32 per-sample I x d product + abs temp
 
     out = {
         "weights": int(weights),
@@ -282,7 +302,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     out["total"] = sum(out.values())
     out["host_weights"] = int(host_weights)
     out["host_activations"] = int(n * T * d * b) if offload_activations else 0
-    out["host_teacher_cache_per_sample"] = seq_len * d * b
+    out["host_teacher_cache_per_sample"] = seq_len * d * b if distils else 0
     return out
 
 
@@ -392,7 +412,8 @@ def format_plan(shape: ModelShape, pred: Dict[str, int], batch_size: int, fit: O
         lines.append(f"host (pinned) layer weights: {gib(pred['host_weights'])}")
     if pred.get("host_activations"):
         lines.append(f"host (pinned) layer inputs: {gib(pred['host_activations'])}")
-    lines.append(f"host teacher cache: {pred['host_teacher_cache_per_sample'] / MiB:.2f} MiB per sample per rank")
+    if pred["host_teacher_cache_per_sample"]:
+        lines.append(f"host teacher cache: {pred['host_teacher_cache_per_sample'] / MiB:.2f} MiB per sample per rank")
     if budget is not None:
         if fit:
             lines.append(f"largest batch within {budget / GiB:.2f} GiB: {fit}")
@@ -410,7 +431,8 @@ def memory_settings(cfg, engine: str, dtype="bf16", gpus: Optional[int] = None) 
 
     return dict(dtype=dtype, gpus=dist.world_size() if gpus is None else gpus, shard=cfg.shard,
                 offload=cfg.offload, engine=engine, gradient_checkpointing=cfg.gradient_checkpointing,
-                loss_token_chunk=cfg.loss_token_chunk, offload_activations=cfg.offload_activations)
+                loss_token_chunk=cfg.loss_token_chunk, offload_activations=cfg.offload_activations,
+                method=cfg.method)
 
 
 def batch_size_for_memory(model_config, cfg, engine: str, seq_len: int, budget: str, samples: int,

@@ -6,6 +6,7 @@ every 2-rank check (a torchrun start costs ~10 s here):
 
 * op level: CE Taylor scores with plain data parallel and with FSDP2 (shard_model), unshard_model_;
 * pipeline level: prune_model (sdmprune, torch engine, both stages) plain and with shard="fsdp";
+  hfprune (one stage, activation scores) plain and with shard="fsdp";
 * CLI in this process (the process group is already up): a plain run, an interrupted run resumed
   with --resume, a --shard fsdp run, and --samples smaller than the world size (exit 2);
   save_pruned is wrapped to count which ranks write.
@@ -29,6 +30,7 @@ from sdmprune.sharding import is_sharded, shard_model, unshard_model_  # noqa: E
 
 N, L = 4, 12
 PIPE = dict(width=100, stage1_keep=0.8, engine="torch", batch_size=2, progress=False, temperature=0.5)
+PIPE_HFPRUNE = dict(PIPE, method="hfprune")
 
 
 def calib():
@@ -94,6 +96,9 @@ def pipeline_level(result, tokens, workdir):
     with torch.no_grad():
         result["pipe_fsdp_logits"] = model(input_ids=x).logits
     result["pipe_fsdp_sharded_bytes"] = r.stats.get("sharded_param_bytes_per_rank")
+    for name, shard in (("pipe_hfprune_dp", None), ("pipe_hfprune_fsdp", "fsdp")):
+        result[name] = pipeline_result(pipeline.prune_model(tiny_model(seed=0, layers=2), tokens, shard=shard,
+                                                            **PIPE_HFPRUNE))
     # more ranks than samples: one InputError before a checkpoint directory is made
     ck = os.path.join(workdir, f"too-few-ck-{distributed.rank()}")
     try:

@@ -30,13 +30,19 @@ def test_pipeline_run_specs_and_reference_budgets():
     assert bp.parse_run("1b:fused:act=1")["act"] is True and bp.parse_run("1b:fused:act=0")["act"] is False
     assert any(r["act"] and r["shape"] == "1b" for r in runs) and any(r["act"] and r["shape"] == "8b" for r in runs)
     r = bp.parse_run("1b:fused:mem=ref/3")
-    assert r["mem_ref_divisor"] == 3.0
+    assert r["mem_ref_divisor"] == 3.0 and r["m"] == "sdmprune"
     # a third of the reference's measured peak, in bytes; no reference measured yet -> an error entry
-    got = bp.resolve_budget(r, {"1b": 12.0})
+    got = bp.resolve_budget(r, {("1b", "sdmprune"): 12.0})
     assert int(got["mem"]) == 4 * 2**30 and got["mem_spec"] == "ref/3"
-    assert "no measured 1b:reference" in bp.resolve_budget(r, {})["error"]
+    assert "no measured 1b:reference run" in bp.resolve_budget(r, {})["error"]
     assert bp.resolve_budget(bp.parse_run("8b:fused:mem=18GiB"), {})["mem"] == "18GiB"
-    for bad in ("1b", "1b:fused:x=1", "1b:fused:b=two", "1b:fused:mem=ref/x"):
+    # another method measures against its own reference loop
+    hf = bp.parse_run("1b:fused:m=hfprune:mem=ref/3")
+    assert hf["m"] == "hfprune" and "no measured 1b:reference:m=hfprune run" in bp.resolve_budget(
+        hf, {("1b", "sdmprune"): 12.0})["error"]
+    assert int(bp.resolve_budget(hf, {("1b", "hfprune"): 6.0})["mem"]) == 2 * 2**30
+    assert {r["m"] for r in runs} == {"sdmprune", "hfprune"}
+    for bad in ("1b", "1b:fused:x=1", "1b:fused:b=two", "1b:fused:mem=ref/x", "1b:fused:m=wanda-sp"):
         with pytest.raises(SystemExit):
             bp.parse_run(bad)
 
@@ -47,10 +53,14 @@ def test_pipeline_smoke_run_writes_results(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    run, offloaded = report["runs"]
+    run, offloaded, hf = report["runs"]
     for r in (run, offloaded):
         assert r["samples"] == 2 and r["stage_s"]["stage1"] > 0 and r["stage_s"]["stage2"] > 0
         assert r["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
+        assert r["method"] == "sdmprune"
+    # hfprune: one stage, predicted with its own terms (no teacher states)
+    assert hf["method"] == "hfprune" and hf["stage_s"]["stage1"] > 0 and hf["stage_s"]["stage2"] is None
+    assert hf["predicted"]["teacher_cache"] == 0 < run["predicted"]["teacher_cache"]
     # smoke: 2 layers, one batch a stage, two stages -> four layer inputs out and back
     assert not run["offload_activations"] and run["activation_offload"] is None
     assert offloaded["offload_activations"] and offloaded["activation_offload"]["offloaded"] == 4
@@ -143,17 +153,17 @@ def test_gpu_plan_tiers_fit_their_deadlines_and_name_real_paths():
     assert {"benchmarks/bench_pipeline.py", "benchmarks/bench_offload.py", "benchmarks/bench_gather.py",
             "benchmarks/bench_recovery.py"} <= paths[2]
     bp = load("bench_pipeline")
-    specs = [spec for name in ("pipeline_1b", "pipeline_8b", "pipeline_1b_rest") for spec in runs[name]]
+    specs = [spec for name in ("pipeline_1b", "pipeline_8b", "pipeline_1b_rest", "pipeline_hfprune")
+             for spec in runs[name]]
     for spec in specs:
         bp.parse_run(spec)  # SystemExit on a bad spec
     assert set(specs) == set(bp.DEFAULT_RUNS.split(","))
     assert {bp.parse_run(s)["shape"] for s in runs["pipeline_1b"]} == {"1b"}
     assert {bp.parse_run(s)["shape"] for s in runs["pipeline_8b"]} == {"8b"}
-    for name, specs in runs.items():  # a mem=ref/K run needs its shape's reference before it
+    for name, specs in runs.items():  # a mem=ref/K run needs its shape and method's reference before it
         for i, spec in enumerate(specs):
             if "mem=ref/" in spec:
-                shape = bp.parse_run(spec)["shape"]
-                assert f"{shape}:reference" in specs[:i], (name, spec)
+                assert bp.reference_spec(bp.parse_run(spec)) in specs[:i], (name, spec)
     # without a tier it runs nothing and says how to call it
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "run_gpu.sh")], capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in os.environ.items() if k not in ("TIER", "PLAN")})
@@ -192,6 +202,33 @@ def test_gpu_test_selection_splits_the_suite(tmp_path):
     assert real == {"test_cuda_offload_equal_gradients_and_lower_peak"}
 
 
+def test_pipeline_summary_compares_each_method_with_its_own_reference():
+    """The README's pipeline line: sdmprune's targets on its stage 2 against its reference loop; hfprune's
+    fused rows against hfprune's reference loop (its one stage), never against sdmprune's."""
+    report = load("report")
+
+    def row(spec, shape, engine, method, peak, s1, s2=None, batch=1):
+        r = dict(spec=spec, shape=shape, engine=engine, peak_memory_gib=peak, batch_size=batch,
+                 stage_s_per_sample={"stage1": s1, "stage2": s2})
+        if method:  # older files carry no method: sdmprune
+            r["method"] = method
+        return r
+
+    d = {"runs": [row("8b:reference", "llama-3.1-8b", "reference", None, 45.0, 1.0, 3.0),
+                  row("8b:fused:mem=18GiB", "llama-3.1-8b", "fused", None, 16.5, 0.5, 1.0, 4),
+                  row("1b:reference", "llama-3.2-1b", "reference", "sdmprune", 12.0, 0.2, 0.8),
+                  row("1b:fused:b=12", "llama-3.2-1b", "fused", "sdmprune", 3.0, 0.05, 0.1, 12),
+                  row("8b:reference:m=hfprune", "llama-3.1-8b", "reference", "hfprune", 20.0, 0.6),
+                  row("8b:fused:m=hfprune:mem=18GiB", "llama-3.1-8b", "fused", "hfprune", 16.0, 0.2, None, 4)],
+         "iou_1b_hfprune": {"0": 0.99, "1": 1.0}}
+    text, verdict = report._pipeline_summary(d)
+    assert "8B 8b:fused:mem=18GiB (batch 4): 16.50 GiB, stage 2 3.00x" in text
+    assert "1B 1b:fused:b=12 (batch 12) 8.00x, 0.25x peak" in text and verdict == f"8B {report._yes(True)}, 1B {report._yes(True)}"
+    assert ("hfprune: 8B 8b:fused:m=hfprune:mem=18GiB (batch 4): 16.00 GiB = 0.80x its reference's peak, "
+            "3.00x its samples/s; 1B kept-channel IoU vs its reference min 0.990") in text
+    assert report._method_summary(d, "taylor") is None
+
+
 def test_pipeline_merge_keeps_the_first_measurement_of_a_run(tmp_path):
     """--merge: the runs of the 1B and 8B tiers in one pipeline.json (+ .md), a run measured twice
     (the reference a later tier repeats for its mem=ref/K budget) kept once, the IoU of the first file."""
@@ -200,7 +237,8 @@ def test_pipeline_merge_keeps_the_first_measurement_of_a_run(tmp_path):
                stage_s_per_sample={"stage1": 0.1, "stage2": 0.2})
     a = dict(head, runs=[dict(row, spec="1b:reference"), dict(row, spec="1b:fused:b=12:chunk=128:n=48")],
              iou_1b={"0": 0.9})
-    b = dict(head, runs=[dict(row, spec="8b:reference"), dict(row, spec="8b:fused:mem=18GiB")])
+    b = dict(head, runs=[dict(row, spec="8b:reference"), dict(row, spec="8b:fused:mem=18GiB")],
+             iou_1b_hfprune={"0": 1.0})
     c = dict(head, runs=[dict(row, spec="1b:reference", tokens_per_s=5.0), dict(row, spec="1b:fused:b=4")],
              iou_1b={"0": 0.1})
     paths = []
@@ -213,6 +251,7 @@ def test_pipeline_merge_keeps_the_first_measurement_of_a_run(tmp_path):
     assert [r["spec"] for r in merged["runs"]] == ["1b:reference", "1b:fused:b=12:chunk=128:n=48", "8b:reference",
                                                    "8b:fused:mem=18GiB", "1b:fused:b=4"]
     assert merged["runs"][0]["tokens_per_s"] == 1000.0 and merged["iou_1b"] == {"0": 0.9}
+    assert merged["iou_1b_hfprune"] == {"0": 1.0}
     assert {k: merged[k] for k in head} == head
     assert "8b:fused:mem=18GiB" in (tmp_path / "results" / "pipeline.md").read_text()
 

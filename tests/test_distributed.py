@@ -67,6 +67,11 @@ def single_process_prune():
 
 
 @pytest.fixture(scope="module")
+def single_process_hfprune():
+    return pipeline.prune_model(tiny_model(seed=0, layers=2), worker.calib(), **worker.PIPE_HFPRUNE)
+
+
+@pytest.fixture(scope="module")
 def single_process_cli(workdir):
     from sdmprune.cli import main
 
@@ -146,6 +151,18 @@ def test_prune_model_two_ranks_match_one_process(launches, single_process_prune,
     assert_scores_close(got["scores"], ref.scores)  # stage 2: -inf outside the stage-1 channels
     for layer in ref.keep:
         assert torch.equal(got["stage1_keep"][layer], ref.stage1_keep[layer])
+        assert torch.equal(got["keep"][layer], ref.keep[layer])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["pipe_hfprune_dp", "pipe_hfprune_fsdp"])
+def test_hfprune_two_ranks_match_one_process(launches, single_process_hfprune, mode):
+    """hfprune's activation scores, summed over two ranks' disjoint samples (plain and FSDP2), equal one
+    process's; the same channels are kept."""
+    got, ref = launches[0][mode], single_process_hfprune
+    assert got["world_size"] == 2 and got["stage1_keep"] is None
+    assert_scores_close(got["scores"], ref.scores)
+    for layer in ref.keep:
         assert torch.equal(got["keep"][layer], ref.keep[layer])
 
 

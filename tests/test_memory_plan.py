@@ -48,6 +48,43 @@ def test_prediction_terms_and_modes():
     assert totals == sorted(totals) and len(set(totals)) == 4
 
 
+def test_prediction_follows_the_method():
+    """Only sdmprune caches teacher states (and its reference loop holds a teacher copy); taylor and
+    hfprune are one stage without a teacher; hfprune's reference loop holds no weight gradients but
+    keeps every down_proj input and its gradient, and its fused MLP backward one more chunk x I."""
+    s = BUILTIN_SHAPES["llama-3.1-8b"]
+    T, b = 1024 * 2, 2
+    d, I, n = s.hidden_size, s.intermediate_size, s.num_hidden_layers
+
+    def pred(method, engine="fused", **kw):
+        return predict_peak_memory(s, 1024, 2, "bf16", engine=engine, method=method, **kw)
+
+    sdm, tay, hf = pred("sdmprune"), pred("taylor"), pred("hfprune")
+    assert sdm["teacher_cache"] == T * d * b and sdm["host_teacher_cache_per_sample"] == 1024 * d * b
+    for p in (tay, hf):
+        assert p["teacher_cache"] == p["host_teacher_cache_per_sample"] == 0
+        assert p["weights"] == sdm["weights"] == s.parameters * b
+    assert hf["activations"] > tay["activations"] == sdm["activations"]
+    # the loss chunk plan without a teacher column fits more rows in the same scratch budget
+    assert tay["loss_scratch"] == hf["loss_scratch"] >= sdm["loss_scratch"]
+    rs, rt, rh = pred("sdmprune", "reference"), pred("taylor", "reference"), pred("hfprune", "reference")
+    assert rs["weights"] - rt["weights"] == s.parameters * b  # the teacher copy
+    assert rh["weights"] == s.parameters * b and rh["teacher_cache"] == rs["teacher_cache"] == 0
+    assert rh["activations"] - rt["activations"] == n * 2 * T * I * b
+    assert rt["loss_scratch"] < rs["loss_scratch"] == rh["loss_scratch"]
+    assert pred("hfprune", "torch")["importance_scratch"] > hf["importance_scratch"] == n * I * 4
+    with pytest.raises(InputError, match="gradient methods"):
+        pred("wanda-sp")
+
+
+def test_memory_settings_carry_the_method():
+    from sdmprune.memory import memory_settings
+    from sdmprune.pipeline import PruneConfig
+
+    for method in ("sdmprune", "taylor", "hfprune"):
+        assert memory_settings(PruneConfig(ratio=0.2, method=method), "fused")["method"] == method
+
+
 def test_checkpointed_mlp_term_does_not_grow_with_the_batch():
     """With checkpointing the fused op saves only the MLP input and back-propagates in chunks of
     whole samples: the I-dependent part of the activations is fixed by the chunk, not by the batch.
@@ -107,6 +144,11 @@ def test_plan_cli_builtin_and_errors(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
     assert cli.main(["plan", "llama-3.2-1b", "--max-memory", "lots"]) == 2
+    capsys.readouterr()
+    assert cli.main(["plan", "llama-3.1-8b", "--method", "hfprune"]) == 0
+    out = capsys.readouterr().out
+    assert "method=hfprune" in out and "host teacher cache" not in out
+    assert re.search(r"teacher states\s+0\.00 GiB", out)
 
 
 def test_gguf_metadata_shape():

@@ -423,3 +423,18 @@ def test_bad_input_one_line_nothing_written(tmp_path, capsys, model_dir, sliced_
     assert {"missing": "no such file", "empty": "empty", "no_response": "no response", "seq_len": "positions",
             "distill_sliced": "--teacher", "lora_full": "--lora and --full",
             "offload_no_ckpt": "needs --gradient-checkpointing"}[case] in err[0]
+
+
+def test_lora_setup_raises_no_deprecation_the_user_cannot_act_on():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model: every
+    recovery printed that FutureWarning. Other warnings still reach the user."""
+    import warnings
+
+    model = tiny_model("llama", seed=5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lora.apply_lora(model, FinetuneConfig(lora_dropout=0.0))
+        warnings.warn("still shown", FutureWarning)
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "is_gradient_checkpointing" in m], messages
+    assert "still shown" in messages

@@ -7,6 +7,7 @@ import json
 
 from ..errors import InputError
 from ..memory import BUILTIN_SHAPES, ENGINES, format_plan, largest_batch, parse_size, predict_peak_memory, resolve_shape
+from ..taylor import OBJECTIVES
 from .common import at_least
 
 
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per calibration window")
     p.add_argument("--batch-size", type=int, default=1, help="samples per backward pass per GPU")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="model dtype")
+    p.add_argument("--method", choices=list(OBJECTIVES), default="sdmprune",
+                   help="as prune --method (the methods with gradient passes)")
     p.add_argument("--engine", choices=list(ENGINES), default="fused", help="as prune --engine")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="as prune --no-gradient-checkpointing")
@@ -41,14 +44,15 @@ def run(args: argparse.Namespace) -> int:
     shape = resolve_shape(args.model, trust_remote_code=args.trust_remote_code)
     kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
               gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk,
-              offload_activations=args.offload_activations)
+              offload_activations=args.offload_activations, method=args.method)
     pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
     fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None
     if args.json:
-        print(json.dumps({"model": shape.name, "parameters": shape.parameters, "batch_size": args.batch_size,
+        print(json.dumps({"model": shape.name, "parameters": shape.parameters, "method": args.method,
+                          "batch_size": args.batch_size,
                           "seq_len": args.seq_len, "bytes": pred, "budget": budget, "largest_batch": fit}, indent=2))
         return 0
-    desc = (f"gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
+    desc = (f"method={args.method} gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
             f"seq_len={args.seq_len} dtype={args.dtype} engine={args.engine} "
             f"checkpointing={'on' if args.gradient_checkpointing else 'off'}"
             + (" offload_activations=on" if args.offload_activations else ""))
