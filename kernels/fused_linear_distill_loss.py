@@ -9,7 +9,9 @@ LM heads W [V, d] (student) and W_t [V, d] (teacher; defaults to W):
           p_t = softmax(z_t / T)   (temperature on the TEACHER only),  q_s = softmax(z_s)
     loss = (1 - alpha) * CE + alpha * KL          (loss = CE when there is no teacher)
 
-A term with no counted rows is 0 (n = 0 gives loss 0 and zero gradients, never NaN).
+A term with no counted rows is 0 (n = 0 gives loss 0 and zero gradients, never NaN). A row counted
+in neither term (an ignored label outside kl_mask, e.g. padding) gets an exact zero gradient and
+never reaches dW, even when its hidden state is not finite.
 d loss / d z_s[r] = c_ce[r] * (q_s - onehot(labels[r])) + c_kl[r] * (q_s - p_t), with
 c_ce = (1 - alpha) / n_ce on CE rows and c_kl = alpha / n_kl on KL rows. Gradients flow to h_s
 and, when it requires grad, to W; the teacher side (h_t, W_t) never gets gradients (when W_t is W,
@@ -64,7 +66,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -148,6 +150,8 @@ if triton is not None:
             if HAS_TEACHER:
                 y = tl.load(zt_row + cols, mask=mask, other=0.0) * inv_T
                 g = g - c_kl * tl.exp(y - lse_t)
+            # a row without gradient writes exact zeros, even from non-finite logits (0 * inf = NaN)
+            g = tl.where(c_ce + c_kl != 0.0, g, 0.0)
             tl.store(dz_row + cols, g.to(dz_row.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -312,7 +316,8 @@ def _rows_torch(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_
         g.scatter_add_(1, safe, -(c_ce * valid).unsqueeze(1))
         if zt is not None:
             g.sub_(p * c_kl.unsqueeze(1))
-        dz.copy_(g)
+        # a row without gradient writes exact zeros, even from non-finite logits (0 * inf = NaN)
+        dz.copy_(torch.where((c_ce + c_kl != 0).unsqueeze(1), g, torch.zeros((), dtype=g.dtype, device=g.device)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,8 +478,9 @@ if triton is not None:
         if HAS_TEACHER:
             lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0)
             g = g - c_kl[:, None] * tl.exp(zt * inv_T - lse_t[:, None])
-        # zero outside the tile so padded rows/columns add nothing
-        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        # zero outside the tile so padded rows/columns add nothing, and on rows without gradient
+        live = row_ok & (c_ce + c_kl != 0.0)
+        g = tl.where(live[:, None] & col_ok[None, :], g, 0.0)
         if UPCAST:
             gd = g  # fp32 tiles under the interpreter
         else:
@@ -787,28 +793,16 @@ class _LinearDistillFunction(torch.autograd.Function):
         wt_op = None
         if has_t:
             wt_op = w_op if w_t is w else (w_t.detach().float() if gemm_f32 else w_t.detach())
-        gdt = _grad_dtype(h_s.dtype, dev)
 
         ce_rows = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
         kl_rows = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
-        grad_h = torch.empty(h_s.shape, dtype=h_s.dtype, device=dev) if need_h else None  # contiguous rows
-        grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_w else None
         inv_T = 1.0 / float(temperature)
 
-        for s in range(0, N, plan.token_chunk):
-            e = min(N, s + plan.token_chunk)
-            hs_c = h_s[s:e].detach()
-            hs_op = hs_c.float() if gemm_f32 else hs_c
-            zs = _mm_f32(hs_op, w_op.t())
+        def row_pass(s, e, zs, dz):
             zt = None
             if has_t:
                 ht_c = h_t[s:e].detach()
                 zt = _mm_f32(ht_c.float() if gemm_f32 else ht_c, wt_op.t())
-            dz = None
-            if need_grad:
-                dz = torch.empty(zs.shape, dtype=gdt, device=dev)
-                if POISON_SCRATCH:
-                    dz.fill_(float("nan"))
             if impl == "triton":
                 splits = (row_splits if row_splits is not None
                           else default_row_splits(e - s, V, plan.vocab_block, dev))
@@ -817,15 +811,10 @@ class _LinearDistillFunction(torch.autograd.Function):
             else:
                 _rows_torch(zs, zt, labels[s:e], c_ce[s:e], c_kl[s:e], inv_T, ignore_index, dz,
                             ce_rows[s:e], kl_rows[s:e])
-            del zs, zt
-            if need_h:
-                if dz.dtype == w_op.dtype == h_s.dtype:  # GPU: straight into the output rows
-                    torch.mm(dz, w_op, out=grad_h[s:e])
-                else:  # CPU, half inputs: float32 GEMM, then round once
-                    grad_h[s:e] = (dz @ w_op.to(dz.dtype)).to(h_s.dtype)
-            if need_w:
-                grad_w32 += _mm_f32(dz.t(), hs_op)
-            del dz
+
+        counted = (valid | klm) if has_t else valid  # the rows with a gradient
+        grad_h, grad_w32 = chunked_head_pass(h_s, w_op, plan, gemm_f32, need_h=need_h, need_w=need_w,
+                                             counted=counted, poison=POISON_SCRATCH, row_pass=row_pass)
 
         loss, ce, kl = _combine_loss(ce_rows, kl_rows, klm, n_ce, n_kl, alpha, has_t, dev)
         grad_w = grad_w32.to(w.dtype) if need_w else None
@@ -841,6 +830,46 @@ class _LinearDistillFunction(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w * g_loss.to(grad_w.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def chunked_head_pass(h: torch.Tensor, w_op: torch.Tensor, plan: ChunkPlan, gemm_f32: bool, *, need_h: bool,
+                      need_w: bool, counted: Optional[torch.Tensor], poison: bool, row_pass: Callable) -> tuple:
+    """The token-chunk loop of the chunked backends of the LM-head losses (this one and the entropy
+    loss). For each chunk [s, e) of ``plan.token_chunk`` rows of h [N, d]: z = h[s:e] @ W^T in float32;
+    when a gradient is needed, dz [C, V] (NaN-filled first when ``poison``); ``row_pass(s, e, z, dz)``
+    writes the rows' statistics and dz; then dH[s:e] = dz @ W (h's dtype) and dW += dz^T h[s:e]
+    (float32). Rows outside ``counted`` [N] bool (None: all count) are zeroed in h before dW, so a
+    non-finite hidden state of a row without gradient cannot leak in (0 * inf = NaN). ``w_op``: W as
+    the GEMM operand (float32 for half weights on CPU, ``gemm_f32``). Returns (dH or None, float32 dW
+    or None)."""
+    N, dev = h.shape[0], h.device
+    gdt = _grad_dtype(h.dtype, dev)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=dev) if need_h else None  # contiguous rows
+    grad_w32 = torch.zeros(w_op.shape, dtype=torch.float32, device=dev) if need_w else None
+    for s in range(0, N, plan.token_chunk):
+        e = min(N, s + plan.token_chunk)
+        h_op = h[s:e].detach()
+        if gemm_f32:
+            h_op = h_op.float()
+        z = _mm_f32(h_op, w_op.t())
+        dz = None
+        if need_h or need_w:
+            dz = torch.empty(z.shape, dtype=gdt, device=dev)
+            if poison:
+                dz.fill_(float("nan"))
+        row_pass(s, e, z, dz)
+        del z
+        if need_h:
+            if dz.dtype == w_op.dtype == h.dtype:  # GPU: straight into the output rows
+                torch.mm(dz, w_op, out=grad_h[s:e])
+            else:  # CPU, half inputs: float32 GEMM, then round once
+                grad_h[s:e] = (dz @ w_op.to(dz.dtype)).to(h.dtype)
+        if need_w:
+            if counted is not None:
+                h_op = torch.where(counted[s:e, None], h_op, torch.zeros((), dtype=h_op.dtype, device=dev))
+            grad_w32 += _mm_f32(dz.t(), h_op)
+        del dz
+    return grad_h, grad_w32
 
 
 def _row_coefficients(labels, kl_mask, alpha, ignore_index, has_t, N, dev):
@@ -908,6 +937,11 @@ class _TiledDistillFunction(torch.autograd.Function):
             if ctx.shared_w:
                 w_t = w
             g = g_loss.to(torch.float32)
+            if need_w:
+                # dW reads h_s: a row without gradient may hold a non-finite hidden state (0 * inf = NaN),
+                # so it is zeroed here (the kernel zeroes such rows' logit gradient, so dH needs no copy)
+                h_s = torch.where((c_ce + c_kl != 0).unsqueeze(1), h_s, torch.zeros((), dtype=h_s.dtype,
+                                                                                  device=h_s.device))
             if h_s.shape[0] > 0:
                 dh, dw = _tiled_backward(h_s, w, h_t if ctx.has_t else None, w_t, labels, lse_s, lse_t,
                                          (c_ce * g).contiguous(), (c_kl * g).contiguous(), ctx.inv_T,

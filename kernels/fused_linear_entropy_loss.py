@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from .fused_linear_distill_loss import _grad_dtype, _mm_f32, plan_chunks
+from .fused_linear_distill_loss import chunked_head_pass, plan_chunks
 from .utils import triton_available, use_triton
 
 if triton_available():
@@ -160,37 +160,17 @@ class _LinearEntropyFunction(torch.autograd.Function):
         # GEMM operands: on CPU, half weights are upcast once (float32 GEMMs; see the memory bound).
         gemm_f32 = dev.type != "cuda" and h.dtype != torch.float32
         w_op = w.detach().float() if gemm_f32 else w.detach()
-        gdt = _grad_dtype(h.dtype, dev)
-
         ent_rows = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
-        grad_h = torch.empty(h.shape, dtype=h.dtype, device=dev) if need_h else None
-        grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_w else None
 
-        for s in range(0, N, plan.token_chunk):
-            e = min(N, s + plan.token_chunk)
-            h_c = h[s:e].detach()
-            h_op = h_c.float() if gemm_f32 else h_c
-            z = _mm_f32(h_op, w_op.t())
-            dz = None
-            if need_grad:
-                dz = torch.empty(z.shape, dtype=gdt, device=dev)
-                if POISON_SCRATCH:
-                    dz.fill_(float("nan"))
+        def row_pass(s, e, z, dz):
             if impl == "triton":
                 _rows_triton(z, coef[s:e], dz, ent_rows[s:e], plan.vocab_block, plan.num_warps)
             else:
                 _rows_torch(z, coef[s:e], dz, ent_rows[s:e])
-            del z
-            if need_h:
-                if dz.dtype == w_op.dtype == h.dtype:  # GPU: straight into the output rows
-                    torch.mm(dz, w_op, out=grad_h[s:e])
-                else:  # CPU, half inputs: float32 GEMM, then round once
-                    grad_h[s:e] = (dz @ w_op.to(dz.dtype)).to(h.dtype)
-            if need_w:
-                if row_mask is not None:  # dropped rows' hidden states must not reach dW (0 * inf = NaN)
-                    h_op = torch.where(counted[s:e, None], h_op, torch.zeros((), dtype=h_op.dtype, device=dev))
-                grad_w32 += _mm_f32(dz.t(), h_op)
-            del dz
+
+        grad_h, grad_w32 = chunked_head_pass(h, w_op, plan, gemm_f32, need_h=need_h, need_w=need_w,
+                                             counted=None if row_mask is None else counted,
+                                             poison=POISON_SCRATCH, row_pass=row_pass)
 
         # dropped rows are selected out, not multiplied by 0 (a non-finite row cannot leak in)
         loss = torch.where(counted, ent_rows, torch.zeros_like(ent_rows)).sum() / n.clamp(min=1.0)

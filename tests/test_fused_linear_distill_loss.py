@@ -454,3 +454,35 @@ def test_default_row_splits_policy(monkeypatch):
     assert splits(264, 128256, 2048, "cuda") == 1 and splits(512, 128256, 2048, "cuda") == 1
     assert splits(128, 4000, 2048, "cuda") == 1  # a short vocabulary is not split
     assert splits(128, 128256, 2048, "cpu") == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the NaN rows
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_without_gradient_never_count_even_if_poisoned(backend):
+    """Rows with an ignored label outside the KL mask hold NaN / inf hidden states (padding garbage):
+    the loss and both gradients equal the float64 reference of the clean inputs, finite. (dW once took
+    0 * inf = NaN from such a row.)"""
+    if backend in TRITON_BACKENDS and not _triton_ok("cpu"):
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    x = _inputs(11, 300, 24, torch.float32, "cpu", 5, kl_mask=True)
+    dropped = torch.zeros(11, dtype=torch.bool)
+    dropped[[1, 4, 9]] = True
+    x["labels"][dropped] = -100
+    x["kl_mask"][dropped] = False
+    bad = x["h_s"].detach().clone()
+    bad[dropped] = float("nan")
+    bad[1] = float("inf")
+    bad.requires_grad_(True)
+    w = x["w"].detach().clone().requires_grad_(True)
+    loss = fused_linear_distill_loss(bad, w, x["labels"], x["h_t"], alpha=0.4, temperature=0.7,
+                                     kl_mask=x["kl_mask"], backend=backend, token_chunk=4)
+    loss.backward()
+    h64 = x["h_s"].detach().double().requires_grad_(True)
+    w64 = x["w"].detach().double().requires_grad_(True)
+    ref, _, _ = ref64(h64, w64, x["labels"], x["h_t"].double(), None, 0.4, 0.7, kl_mask=x["kl_mask"])
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert (bad.grad[dropped] == 0).all() and torch.isfinite(bad.grad).all()
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(bad.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
