@@ -45,6 +45,16 @@ def make_byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def save_byte_model(path, seed: int = 11):
+    """A tiny LLaMA (its bos token the tokenizer's <s>) and the byte tokenizer, saved as a model folder
+    at ``path`` as the CLI reads one; returns the model."""
+    model = tiny_model("llama", seed=seed)
+    model.config.bos_token_id = 256
+    model.save_pretrained(path)
+    make_byte_tokenizer().save_pretrained(path)
+    return model
+
+
 def loss_and_embedding_grad(model, ids):
     """(causal-LM loss, gradient of the input embedding) of one forward+backward on ``ids``."""
     model.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import make_byte_tokenizer, tiny_model
+from conftest import save_byte_model
 from sdmprune.cli import main
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 12
@@ -20,10 +20,7 @@ BINARY = bytes(range(256)) * 8
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     r = tmp_path_factory.mktemp("bad")
-    model = tiny_model("llama", seed=11)
-    model.config.bos_token_id = 256
-    model.save_pretrained(r / "tiny")
-    make_byte_tokenizer().save_pretrained(r / "tiny")
+    save_byte_model(r / "tiny")
     # the same model with its weights file damaged
     (r / "corrupt").mkdir()
     for f in (r / "tiny").iterdir():

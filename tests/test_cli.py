@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_byte_tokenizer, tiny_model
+from conftest import save_byte_model
 from sdmprune.cli import main
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 12
@@ -15,10 +15,7 @@ TEXT = "It was the best of times, it was the worst of times, it was the age of w
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = tiny_model("llama", seed=11)
-    model.config.bos_token_id = 256
-    model.save_pretrained(root / "tiny")
-    make_byte_tokenizer().save_pretrained(root / "tiny")
+    save_byte_model(root / "tiny")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(

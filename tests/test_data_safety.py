@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from conftest import make_byte_tokenizer, tiny_model
+from conftest import save_byte_model, tiny_model
 from sdmprune.cli import main
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 12
@@ -19,10 +19,7 @@ TEXT = "It was the best of times, it was the worst of times, it was the age of w
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("safety") / "tiny"
-    model = tiny_model("llama", seed=11)
-    model.config.bos_token_id = 256
-    model.save_pretrained(d)
-    make_byte_tokenizer().save_pretrained(d)
+    save_byte_model(d)
     (d.parent / "calib.txt").write_text(TEXT)
     return d
 
