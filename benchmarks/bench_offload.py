@@ -29,6 +29,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from kept_channels import kept_iou  # noqa: E402  (benchmarks/ is not a package)
 TARGET_WIDTH = {"llama-3.1-8b": 11468, "llama-3.2-1b": 5678, "smoke": 120}
 
 
@@ -39,11 +40,6 @@ def out_path(out, smoke: bool) -> str:
         return os.path.join(tempfile.mkdtemp(prefix="sdmprune-bench-"), name) if smoke else \
             os.path.join(HERE, "results", name)
     return out if out.endswith(".json") else os.path.join(out, name)
-
-
-def iou(a: dict, b: dict) -> dict:
-    return {str(k): len(set(a[k].tolist()) & set(b[k].tolist())) / len(set(a[k].tolist()) | set(b[k].tolist()))
-            for k in b}
 
 
 def summary(name, result, n, device) -> dict:
@@ -127,7 +123,7 @@ def main(argv=None) -> int:
     row["compute_only_s"] = args.samples / report["runs"][0]["samples_per_s"]
     row["combined_s"] = args.samples / row["samples_per_s"]
     row["speed_vs_resident"] = row["samples_per_s"] / report["runs"][0]["samples_per_s"]
-    row["kept_iou_min"] = min(iou(off.keep, ref.keep).values())
+    row["kept_iou_min"] = min(kept_iou(off.keep, ref.keep).values())
     if not args.smoke:
         row["predicted_peak_gib"] = predict_peak_memory(BUILTIN_SHAPES[args.shape], args.seq_len, args.batch_size,
                                                         offload="cpu")["total"] / GiB
@@ -161,11 +157,11 @@ def main(argv=None) -> int:
             assert distributed.world_size() == 1
             dp = prune_model(fresh(device.type), tokens, cfg)
             row = summary("data parallel, world 1", dp, args.samples, device)
-            row["kept_iou_min"] = min(iou(dp.keep, ref.keep).values())
+            row["kept_iou_min"] = min(kept_iou(dp.keep, ref.keep).values())
             report["runs"].append(row)
             fs = prune_model(fresh("cpu"), tokens, cfg, shard="fsdp")  # FSDP2 moves the shards to the GPU
             row = summary("fsdp, world 1", fs, args.samples, device)
-            row["kept_iou_min"] = min(iou(fs.keep, ref.keep).values())
+            row["kept_iou_min"] = min(kept_iou(fs.keep, ref.keep).values())
             report["runs"].append(row)
         finally:
             tdist.destroy_process_group()

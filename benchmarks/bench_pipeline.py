@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
 import random_models  # noqa: E402
+from kept_channels import kept_iou  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -247,14 +248,6 @@ def out_path(out, smoke: bool) -> str:
     return os.path.join(out, name)
 
 
-def iou(a: dict, b: dict) -> dict:
-    out = {}
-    for k in a:
-        sa, sb = set(a[k].tolist()), set(b[k].tolist())
-        out[str(k)] = len(sa & sb) / len(sa | sb)
-    return out
-
-
 def write_results(report: dict, path: str) -> None:
     from sdmprune.paths import atomic_write_file, write_json_atomic
 
@@ -380,7 +373,7 @@ def main(argv=None) -> int:
                 keeps[key] = torch.load(keep_path)
             for method in METHODS:
                 if ("fused", method) in keeps and ("reference", method) in keeps:
-                    report[iou_key(method)] = iou(keeps[("fused", method)], keeps[("reference", method)])
+                    report[iou_key(method)] = kept_iou(keeps[("fused", method)], keeps[("reference", method)])
             write_results(report, out)  # after every run: a later crash keeps what was measured
     write_results(report, out)
     print(f"wrote {out}" + (" (CPU smoke: no GPU numbers)" if args.smoke else ""), file=sys.stderr)

@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from quality import device_name, rel_path  # noqa: E402  (benchmarks/ is not a package)
+from kept_channels import kept_iou  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data")
 TARGET_IOU = 0.98
@@ -116,10 +117,11 @@ def top_k(scores: torch.Tensor, k: int) -> set:
 def compare(keep: dict, scores: dict, official: dict, width: int) -> dict:
     """Per-layer IoU of ``keep`` against the official top-``width``, how far the swapped channels sit
     from the k-th official score (relative: near 0 means a near-tie), and the score difference."""
-    iou, gap, diff, swaps = {}, {}, {}, 0
+    wanted = {layer: top_k(ref, width) for layer, ref in official.items()}
+    iou = kept_iou(keep, wanted)
+    gap, diff, swaps = {}, {}, 0
     for layer, ref in official.items():
-        want, got = top_k(ref, width), set(keep[layer].tolist())
-        iou[layer] = len(want & got) / len(want | got)
+        want, got = wanted[layer], set(keep[layer].tolist())
         kth = float(ref[list(want)].min())
         swapped = want ^ got
         swaps += len(want - got)
@@ -128,12 +130,12 @@ def compare(keep: dict, scores: dict, official: dict, width: int) -> dict:
         diff[layer] = float((s - ref).abs().max() / ref.abs().max())
     vals = list(iou.values())
     return {"iou_min": min(vals), "iou_mean": sum(vals) / len(vals),
-            "layers_below_target": [k for k, v in iou.items() if v < TARGET_IOU],
+            "layers_below_target": [int(k) for k, v in iou.items() if v < TARGET_IOU],
             "meets_target": min(vals) >= TARGET_IOU,
             "channels_swapped_all_layers": swaps,
             "swapped_max_rel_gap_to_kth": max(gap.values()),
             "score_max_rel_diff": max(diff.values()),
-            "iou_per_layer": {str(k): round(v, 6) for k, v in iou.items()}}
+            "iou_per_layer": {k: round(v, 6) for k, v in iou.items()}}
 
 
 def run_engine(model, calib, width: int, engine: str, batch_size: int):

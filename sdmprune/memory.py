@@ -187,7 +187,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     ``method``: the gradient method, "sdmprune" (two stages, the second against cached teacher states),
     "taylor" (CE, one stage) or "hfprune" (entropy, activation Taylor, one stage).
     """
-    from .taylor import OBJECTIVES
+    from .taylor import ACTIVATION_SCORED, DISTILLING, OBJECTIVES
 
     s = shape_of(config)
     if seq_len < 1 or batch_size < 1 or gpus < 1:
@@ -220,8 +220,8 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
         weights = math.ceil(n * s.layer_parameters / gpus) * b + 2 * layer_bytes + s.other_parameters * b
     else:
         weights = s.parameters * b
-    distils = method == "sdmprune"  # a stage against the original model's outputs
-    activation_score = method == "hfprune"  # scored at the down_proj input, weights frozen
+    distils = method in DISTILLING  # cached teacher states; the reference loop's teacher copy
+    activation_score = method in ACTIVATION_SCORED  # weights frozen: no weight gradients, H and dL/dH kept
     if engine == "reference" and not activation_score:
         # bf16 weight gradients of every MLP matrix + an I x d element-score matrix per layer (+ the teacher copy)
         weights = (2 if distils else 1) * weights + n * 3 * I * d * b + n * I * d * b

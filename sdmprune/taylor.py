@@ -69,15 +69,19 @@ def stage1_width(cfg, plan) -> int:
 
 
 OBJECTIVES = ("sdmprune", "taylor", "hfprune")
+# a second stage against the original model's outputs (the cached teacher states)
+DISTILLING = ("sdmprune",)
+# scored at every down_proj input H (sum_t |H * dL/dH|), weights frozen; the others score the weights
+ACTIVATION_SCORED = ("hfprune",)
 
 
 def taylor_selection(run: ScoringRun, objective: str) -> Selection:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if run.engine == "reference":
-        if objective == "hfprune":
+        if objective in ACTIVATION_SCORED:
             return _reference_hfprune(run)
-        return _reference_taylor(run, objective == "sdmprune")
+        return _reference_taylor(run, objective in DISTILLING)
     return _lean_taylor(run, objective)
 
 
@@ -188,7 +192,7 @@ def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
 
     from .importance import TaylorImportance
 
-    two_stage = objective == "sdmprune"
+    two_stage = objective in DISTILLING
     model, tokens, cfg, plan, stats = run.model, run.tokens, run.config, run.plan, run.stats
     adapter = get_adapter(model)
     body = adapter.body(model)
@@ -259,7 +263,7 @@ def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
                                          backend=run.backend, token_chunk=cfg.loss_token_chunk)
 
     try:
-        kind = "activation" if objective == "hfprune" else "weight"
+        kind = "activation" if objective in ACTIVATION_SCORED else "weight"
         with gradient_pass(model, cfg.gradient_checkpointing, run.backend, cfg.offload_activations, stats), \
                 TaylorImportance(model, backend=run.backend, kind=kind) as imp:
             stage, cursor = 1, 0
