@@ -10,7 +10,7 @@ Environment switches (all optional):
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _extensions():
@@ -67,8 +67,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["sdmprune", "sdmprune.commands", "sdmprune.kernels"],
-    package_dir={"sdmprune": "sdmprune", "sdmprune.kernels": "kernels"},
+    packages=find_packages(include=["sdmprune", "sdmprune.*"]) + ["sdmprune.kernels"],
+    package_dir={"sdmprune": "sdmprune", "sdmprune.kernels": "sdmprune_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

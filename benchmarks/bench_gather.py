@@ -219,7 +219,7 @@ def main(argv=None) -> int:
         print(f"bench_gather: skipped ({why}); {args.out} not written")
         return 0
     result = run_all(args.layers)
-    from sdmprune.paths import write_json_atomic
+    from sdmprune.storage.paths import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))

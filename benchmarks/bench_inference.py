@@ -365,7 +365,7 @@ def render_markdown(report: dict, conclusion_path: str) -> str:
 
 
 def write_results(report: dict, path: str) -> None:
-    from sdmprune.paths import atomic_write_file, write_json_atomic
+    from sdmprune.storage.paths import atomic_write_file, write_json_atomic
 
     write_json_atomic(path, report)
     stem = os.path.splitext(path)[0]
@@ -453,7 +453,7 @@ def main(argv=None) -> int:
     if args.render:
         import json
 
-        from sdmprune.paths import atomic_write_file
+        from sdmprune.storage.paths import atomic_write_file
 
         with open(args.render, encoding="utf-8") as fh:
             report = json.load(fh)

@@ -5,10 +5,10 @@
   kernel each way), and Liger-Kernel's RMSNorm when it is installed. Also the bytes each keeps for
   backward (counted with saved-tensor hooks).
 * ``rotary``: forward + backward of transformers' ``apply_rotary_pos_emb`` on q [B, 32, L, D] and
-  k [B, 8, L, D] (the transposed views the attention makes), against ``kernels/rotary.py``.
+  k [B, 8, L, D] (the transposed views the attention makes), against ``sdmprune_kernels/rotary.py``.
 * ``gated_activation``: the elementwise part of the gated MLP between its matmuls, [T, I] bf16 with a
   channel mask (stage 2): forward H = act(G) * U * mask and backward (dU, dG, H from dH), the PyTorch
-  path against the Triton kernels of ``kernels/gated_mlp.py``.
+  path against the Triton kernels of ``sdmprune_kernels/gated_mlp.py``.
 
 Shapes: T = 8192 tokens; d in {2048, 4096}, I in {8192, 14336}, head_dim in {64, 128} (Llama-3.2-1B,
 Llama-3.1-8B).
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     if args.out:
-        from sdmprune.paths import write_json_atomic
+        from sdmprune.storage.paths import write_json_atomic
 
         write_json_atomic(Path(args.out) / "layer_ops.json", result)
     print(json.dumps(result, indent=1))

@@ -75,9 +75,9 @@ def main(argv=None) -> int:
         print("bench_offload: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",
               file=sys.stderr)
         return 0
-    from sdmprune import distributed
+    from sdmprune.scale import distributed
     from sdmprune.memory import BUILTIN_SHAPES, GiB, predict_peak_memory
-    from sdmprune.offload import LayerStreamer
+    from sdmprune.scale.offload import LayerStreamer
     from sdmprune.pipeline import PruneConfig, prune_model
 
     if args.smoke:
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     path = out_path(args.out, args.smoke)
 
     def save():
-        from sdmprune.paths import write_json_atomic
+        from sdmprune.storage.paths import write_json_atomic
 
         write_json_atomic(path, report)
 

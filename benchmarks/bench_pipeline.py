@@ -249,7 +249,7 @@ def out_path(out, smoke: bool) -> str:
 
 
 def write_results(report: dict, path: str) -> None:
-    from sdmprune.paths import atomic_write_file, write_json_atomic
+    from sdmprune.storage.paths import atomic_write_file, write_json_atomic
 
     write_json_atomic(path, report)
     rows = ["| run | batch | ckpt | stage 1 s/sample | stage 2 s/sample | tokens/s (both stages) | "

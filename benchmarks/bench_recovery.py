@@ -5,7 +5,7 @@ Shape: hidden 2048, MLP width 8192 pruned to 5613 (20 %), 16 layers, 32/8 heads,
 tied embeddings, random bf16 weights; rows of ``--seq-len`` (2048) tokens packed from records of
 random lengths; LoRA r 8 / alpha 16 on q/k/v/o/gate/up/down; alpha 0.5, T 1; AdamW.
 
-* ``one-copy fused``: sdmprune.recover's trainer exactly as ``recover_masked_`` runs it: the
+* ``one-copy fused``: sdmprune.recovery.recover's trainer exactly as ``recover_masked_`` runs it: the
   original weights with the pruned channels masked + LoRA as the student, the same weights with
   masks off and adapters disabled as the teacher (hidden states only), the fused LM-head loss.
 * ``one-copy fused, checkpointed + offloaded inputs``: the same trainer with gradient checkpointing
@@ -50,7 +50,7 @@ def build(config, device):
 
 
 def make_rows(seq_len, n_rows, vocab, seed=0):
-    from sdmprune.sft_data import Record, build_rows
+    from sdmprune.recovery.sft_data import Record, build_rows
 
     g = torch.Generator().manual_seed(seed)
     recs = []
@@ -74,11 +74,11 @@ def measure(fn, steps, warmup, device):
 
 
 def run_ours(config, keep, rows, args, device, offload_activations=False):
-    from sdmprune import recover
-    from sdmprune.activation_offload import maybe_offload_checkpoint_inputs
-    from sdmprune.lora import apply_lora
+    from sdmprune.recovery import recover
+    from sdmprune.scale.activation_offload import maybe_offload_checkpoint_inputs
+    from sdmprune.recovery.lora import apply_lora
     from sdmprune.models import ChannelMasks, get_adapter
-    from sdmprune.trainer import Trainer, self_teacher
+    from sdmprune.recovery.trainer import Trainer, self_teacher
 
     model = build(config, device)
     cfg = recover.FinetuneConfig(batch_size=1, grad_accum=len(rows), seq_len=args.seq_len, alpha=0.5,

@@ -255,8 +255,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.fused_worker:
         return fused_worker(args)
-    from sdmprune.paths import write_json_atomic
-    from sdmprune.save import package_versions
+    from sdmprune.storage.paths import write_json_atomic
+    from sdmprune.storage.save import package_versions
 
     t_all = time.perf_counter()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]

@@ -12,7 +12,7 @@ Per run (method x ratio x calibration seed):
 1. prune: ``sdmprune.pipeline.prune_model`` on a copy of the unpruned model with that seed's calibration
    windows (sdmprune alpha/T follow the paper per ratio); time and peak memory of the call;
 2. perplexity of the pruned model on both evaluation domains ("before recovery");
-3. recovery on another copy: ``sdmprune.recover.recover_masked_`` with the kept channels of step 1
+3. recovery on another copy: ``sdmprune.recovery.recover.recover_masked_`` with the kept channels of step 1
    (distilled LoRA on the masked model, teacher = the same weights unmasked, merged in place), then
    ``sdmprune.slicing.prune_model_`` -- the two calls ``prune_model(..., recover_steps=N)`` makes, without
    scoring again; the same steps, learning rate and token windows for every run; time and peak memory;
@@ -303,10 +303,10 @@ def main(argv=None) -> int:
     from sdmprune.data import calibration_windows, resolve_source
     from sdmprune.loading import load_model, resolve_device
     from sdmprune.models import count_parameters
-    from sdmprune.paths import atomic_write_file, write_json_atomic
+    from sdmprune.storage.paths import atomic_write_file, write_json_atomic
     from sdmprune.pipeline import PruneConfig, prune_model
-    from sdmprune.recover import FinetuneConfig, recover_masked_
-    from sdmprune.save import package_versions
+    from sdmprune.recovery.recover import FinetuneConfig, recover_masked_
+    from sdmprune.storage.save import package_versions
     from sdmprune.slicing import prune_model_
 
     sys.path.insert(0, HERE)

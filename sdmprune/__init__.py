@@ -1,10 +1,12 @@
 """sdmprune: SDMPrune (self-distillation MLP pruning) for LLaMA-family models.
 
-The pipeline reads top-down: ``data`` -> ``models`` (family adapters) -> ``methods`` (the registry;
-``taylor`` and ``baselines`` score) -> ``widths`` (ratio -> width) -> ``pipeline`` (``prune_model``)
--> ``slicing`` -> ``save`` -> ``evaluate`` -> ``recover``, with ``commands`` (the CLI) on top; what a
-run may write or delete is ruled by ``paths``, what it resumes from by ``run_state``. Triton kernels
-live in ``sdmprune.kernels``; the compiled gather ops in ``sdmprune.ops``.
+The pipeline reads top-down, one room per step: ``data`` (calibration text) -> ``loading`` and
+``models`` (the model and its family adapter) -> ``scoring/`` (the method registry and its engines)
+-> ``widths`` (ratio -> width) -> ``pipeline`` (``prune_model``, ``score_channels``) -> ``slicing``
+-> ``storage/`` (save, GGUF, the ownership rule, resume state) -> ``evaluate`` -> ``recovery/``, with
+``commands/`` (the CLI) on top; ``scale/`` holds the options for models larger than one GPU and
+``memory`` predicts their peak. Triton kernels live in ``sdmprune.kernels``; the compiled gather ops
+in ``sdmprune.ops``.
 
 Public names are imported lazily so that ``import sdmprune`` stays cheap.
 """
@@ -16,11 +18,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # importance engine (drop-in)
-    "TaylorImportance": "sdmprune.importance",
-    "NaiveTaylorImportance": "sdmprune.importance",
+    "TaylorImportance": "sdmprune.scoring.importance",
+    "NaiveTaylorImportance": "sdmprune.scoring.importance",
     # methods
-    "register_method": "sdmprune.methods",
-    "available_methods": "sdmprune.methods",
+    "register_method": "sdmprune.scoring.registry",
+    "available_methods": "sdmprune.scoring.registry",
     # pipeline
     "PruneConfig": "sdmprune.pipeline",
     "PruneResult": "sdmprune.pipeline",
@@ -38,14 +40,14 @@ _LAZY = {
     # slicing and saving
     "prune_mlp_": "sdmprune.slicing",
     "prune_model_": "sdmprune.slicing",
-    "save_pruned": "sdmprune.save",
-    "load_pruned": "sdmprune.save",
+    "save_pruned": "sdmprune.storage.save",
+    "load_pruned": "sdmprune.storage.save",
     # evaluation
     "evaluate_perplexity": "sdmprune.evaluate",
     # recovery
-    "FinetuneConfig": "sdmprune.recover",
-    "finetune": "sdmprune.recover",
-    "recover_masked_": "sdmprune.recover",
+    "FinetuneConfig": "sdmprune.recovery.recover",
+    "finetune": "sdmprune.recovery.recover",
+    "recover_masked_": "sdmprune.recovery.recover",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,7 +1,7 @@
 """The ``sdmprune`` command line: one subcommand per step of the pipeline (sdmprune.commands).
 
 A user-facing error (SdmpruneError) prints one line and exits with code 2; nothing is half-written
-because every output is written atomically (sdmprune.paths).
+because every output is written atomically (sdmprune.storage.paths).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, require_extra
 
 HUB_DATASETS = {
     # name -> (load_dataset args, kwargs per split, text field)
@@ -187,12 +187,11 @@ def _read_docs_file(path: str, what: str = "data", text_field: str = "text") -> 
     that is not valid, or a record without the field."""
     low = path.lower()
     if low.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
+        require_extra("pyarrow", "reading .parquet files")
+        import pyarrow.parquet as pq
 
+        try:
             table = pq.read_table(path)
-        except ImportError:
-            raise InputError("reading .parquet files needs pyarrow: pip install pyarrow") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise InputError(f"{what} file {path!r} is not a readable parquet file ({type(exc).__name__})") from None
         if text_field not in table.column_names:

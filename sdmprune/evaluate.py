@@ -11,7 +11,6 @@ Held-out 'self' text is sampled with the seed rule of ``sdmprune.data.eval_text_
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, require_extra
 
 
 class Perplexity(float):
@@ -142,17 +141,12 @@ def perplexity_on_source(model, tokenizer, src, seq_len: int, max_windows: Optio
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
-def lm_eval_available() -> bool:
-    return importlib.util.find_spec("lm_eval") is not None
-
-
 def resolve_tasks(spec: str, include_path: Optional[str] = None):
     """(task names or YAML paths, lm-eval TaskManager) for ``--tasks`` (comma list; ``paper`` = PAPER_TASKS)
     and ``--include-path`` (a folder of local task YAMLs). One InputError line for lm-eval missing, a
     missing YAML or folder, or a name lm-eval does not know. Reading the task index takes lm-eval a few
     seconds; it is done before any model is loaded."""
-    if not lm_eval_available():
-        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    require_extra("lm_eval", "--tasks")
     names = []
     for t in (x.strip() for x in spec.split(",")):
         if t:
@@ -185,8 +179,7 @@ def evaluate_tasks(model, tokenizer, tasks, batch_size: int = 1, limit=None, num
                    task_manager=None) -> dict:
     """lm-eval-harness ``tasks`` on the loaded model (``lm_eval.simple_evaluate`` with an HFLM wrapper):
     lm-eval's results, per task its metrics and their stderr (``acc,none``, ``acc_stderr,none``...)."""
-    if not lm_eval_available():
-        raise InputError("--tasks needs lm-eval-harness: pip install sdmprune[eval]")
+    require_extra("lm_eval", "--tasks")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, require_extra
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -102,11 +102,6 @@ def alias_path(name: str) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def _require(module: str, why: str):
-    if importlib.util.find_spec(module) is None:
-        raise InputError(f"{why} needs the '{module}' package: pip install sdmprune[gguf]")
-
-
 def resolve_model(spec: str, check_mlps: bool = True, trust_remote_code: bool = False) -> ModelSource:
     """Validate a model spec and read its config (no weights). Raises InputError with one clear line."""
     if not spec:
@@ -150,8 +145,8 @@ def resolve_model(spec: str, check_mlps: bool = True, trust_remote_code: bool = 
     if src.kind == "hf" and os.path.isdir(src.path):
         _check_weight_files(src)
     if src.kind == "gguf":
-        _require("gguf", "loading a .gguf model")
-        _require("accelerate", "loading a .gguf model")
+        require_extra("gguf", "loading a .gguf model")
+        require_extra("accelerate", "loading a .gguf model")
     src.config = _load_config(src)
     if check_mlps:
         from .models import find_gated_mlps, meta_model_from_config

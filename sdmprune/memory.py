@@ -43,7 +43,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional
 
-from .errors import InputError
+from .errors import InputError, require_extra
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -187,7 +187,7 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     ``method``: the gradient method, "sdmprune" (two stages, the second against cached teacher states),
     "taylor" (CE, one stage) or "hfprune" (entropy, activation Taylor, one stage).
     """
-    from .taylor import ACTIVATION_SCORED, DISTILLING, OBJECTIVES
+    from .scoring.taylor import ACTIVATION_SCORED, DISTILLING, OBJECTIVES
 
     s = shape_of(config)
     if seq_len < 1 or batch_size < 1 or gpus < 1:
@@ -337,10 +337,9 @@ def parse_size(text: str) -> int:
 
 def shape_from_gguf(path: str) -> ModelShape:
     """Read a decoder's dims from GGUF metadata (the tensors are not read)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:  # pragma: no cover - optional dependency
-        raise InputError("reading a .gguf file needs the gguf package (pip install gguf)") from None
+    require_extra("gguf", "reading a .gguf file")
+    from gguf import GGUFReader
+
     reader = GGUFReader(path, "r")
 
     def field(key, default=None):
@@ -427,7 +426,7 @@ def memory_settings(cfg, engine: str, dtype="bf16", gpus: Optional[int] = None) 
     """The keyword arguments of ``predict_peak_memory`` / ``largest_batch`` that describe a run of the
     PruneConfig ``cfg`` on ``gpus`` ranks (default: this process group's) with ``engine`` resolved
     ("fused", "torch" or "reference")."""
-    from . import distributed as dist
+    from .scale import distributed as dist
 
     return dict(dtype=dtype, gpus=dist.world_size() if gpus is None else gpus, shard=cfg.shard,
                 offload=cfg.offload, engine=engine, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -441,7 +440,7 @@ def batch_size_for_memory(model_config, cfg, engine: str, seq_len: int, budget: 
     PruneConfig ``cfg``'s settings, at most this rank's share of ``samples``; ``note`` holds the budget
     and the prediction for the report. InputError when even batch 1 is predicted not to fit. ``engine``:
     "fused", "torch" or "reference" (one sample per backward)."""
-    from . import distributed as dist
+    from .scale import distributed as dist
 
     limit = parse_size(budget)
     if limit <= 0:

@@ -259,25 +259,51 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
 
 class LayerOps(NamedTuple):
     """What ``fused_layer_ops`` swaps: (module, mode, eps) per recognized RMSNorm
-    (kernels.rms_norm.find_rms_norms) and the python module whose rotary it replaces, or None
-    (kernels.rotary.find_rotary)."""
+    (kernels.rms_norm.rms_norm_status) and the python module whose rotary it replaces, or None
+    (kernels.rotary.rotary_status); ``why``: what each probe said, for the report."""
 
     norms: list
     rotary: Optional[Any]
+    why: Optional[dict] = None
+
+    def report(self) -> dict:
+        """Which of the fused layer ops apply to this model, and why the others do not (JSON-ready)."""
+        why = self.why or {}
+        return {"rms_norm": {"applied": len(self.norms), "left_alone": dict(why.get("rms_norm", {}))},
+                "rotary": {"applied": self.rotary is not None, "why": why.get("rotary", "")}}
+
+    def summary(self) -> str:
+        return describe_layer_ops(self.report())
+
+
+def describe_layer_ops(report: dict) -> str:
+    """One line from ``LayerOps.report()``: which fused layer ops applied, and why the others did not."""
+    norms, rotary = report["rms_norm"], report["rotary"]
+    left = norms["left_alone"]
+    text = f"fused layer ops: rms_norm on {norms['applied']} norms" + (
+        "" if not left else " (left alone: " + "; ".join(f"{k}: {v}" for k, v in sorted(left.items())) + ")")
+    return text + (f"; rotary {rotary['why']}" if rotary["applied"] else f"; rotary not applied: {rotary['why']}")
+
+
+def layer_ops_incomplete(report: dict) -> bool:
+    """Whether a probe left a norm class or the rotary with the model's own code."""
+    return bool(report["rms_norm"]["left_alone"]) or not report["rotary"]["applied"]
 
 
 def find_layer_ops(model: nn.Module) -> LayerOps:
     """Probe the model's norms and rotary once (a training loop reuses the answer every step)."""
-    from sdmprune.kernels.rms_norm import find_rms_norms
-    from sdmprune.kernels.rotary import find_rotary
+    from sdmprune.kernels.rms_norm import rms_norm_status
+    from sdmprune.kernels.rotary import rotary_status
 
-    return LayerOps(find_rms_norms(model), find_rotary(model))
+    norms, norms_left = rms_norm_status(model)
+    rotary, rotary_why = rotary_status(model)
+    return LayerOps(norms, rotary, {"rms_norm": norms_left, "rotary": rotary_why})
 
 
 @contextlib.contextmanager
 def fused_layer_ops(model: nn.Module, backend: str = "auto", ops: Optional[LayerOps] = None) -> Iterator[None]:
     """While the block runs, the model's RMSNorms and rotary embedding go through sdmprune's kernels
-    (kernels/rms_norm.py, kernels/rotary.py: one pass each way, no float32 copies kept), where a
+    (sdmprune_kernels/rms_norm.py, sdmprune_kernels/rotary.py: one pass each way, no float32 copies kept), where a
     probe shows they compute what the model's own code does. ``ops``: an earlier
     ``find_layer_ops(model)`` answer (default: probe now)."""
     from sdmprune.kernels.rms_norm import patch_rms_norms

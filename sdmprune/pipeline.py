@@ -3,10 +3,10 @@
 ``prune_model(model, calib_tokens, PruneConfig(...))`` reads as the sequence it runs:
 
 1. plan the width (``sdmprune.widths.plan_width``: a ratio of all parameters, or a width);
-2. run the method's registry entry (``sdmprune.methods``): its scoring call returns the kept channels
-   of every gated MLP in the original numbering (``sdmprune.taylor`` for the gradient methods,
-   ``sdmprune.baselines`` for the one-shot ones, or a method a user registered);
-3. optionally recover the masked model (``sdmprune.recover.recover_masked_``: LoRA on one weight copy,
+2. run the method's registry entry (``sdmprune.scoring.registry``): its scoring call returns the kept channels
+   of every gated MLP in the original numbering (``sdmprune.scoring.taylor`` for the gradient methods,
+   ``sdmprune.scoring.baselines`` for the one-shot ones, or a method a user registered);
+3. optionally recover the masked model (``sdmprune.recovery.recover.recover_masked_``: LoRA on one weight copy,
    merged in place);
 4. slice the kept channels in place (``sdmprune.slicing``).
 
@@ -14,8 +14,8 @@ Scale-out options of the same path, for gradient methods on the fused or torch e
 ``shard="fsdp"`` wraps the decoder layers with FSDP2 over the initialized process group (each rank
 holds 1/N of the layers; the pruned model comes back unsharded, full weights on the CPU, on every
 rank); ``offload="cpu"`` keeps the decoder layers in host memory and streams them through two
-buffers on ``offload_device`` (sdmprune.offload; the model comes back on the CPU). A resumable run
-keeps its state in a work folder (``checkpoint_dir``; sdmprune.run_state).
+buffers on ``offload_device`` (sdmprune.scale.offload; the model comes back on the CPU). A resumable run
+keeps its state in a work folder (``checkpoint_dir``; sdmprune.storage.run_state).
 """
 from __future__ import annotations
 
@@ -29,13 +29,13 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 
-from . import distributed as dist
-from .errors import InputError
-from .methods import ENGINES, ScoringRun, get_method, gradient_method_names
+from .scale import distributed as dist
+from .errors import InputError, require_extra
+from .scoring.registry import ENGINES, ScoringRun, get_method, gradient_method_names
 from .models import count_parameters, find_gated_mlps, get_adapter
-from .passes import peak_memory
-from .paths import WorkDir
-from .run_state import RunState, tensor_digest, weights_digest
+from .scoring.passes import peak_memory
+from .storage.paths import WorkDir
+from .storage.run_state import RunState, tensor_digest, weights_digest
 from .widths import WidthPlan, plan_width
 
 # PruneConfig fields as the command line names them: every message says what a user typed
@@ -48,7 +48,7 @@ FLAGS = {"ratio": "--ratio", "width": "--width", "alpha": "--alpha", "temperatur
 @dataclass
 class PruneConfig:
     """What to prune and how. Give exactly one of ``ratio`` (fraction of ALL parameters removed)
-    and ``width`` (MLP width kept in every layer). ``method``: a registered method (sdmprune.methods)."""
+    and ``width`` (MLP width kept in every layer). ``method``: a registered method (sdmprune.scoring.registry)."""
 
     ratio: Optional[float] = None
     width: Optional[int] = None
@@ -66,15 +66,15 @@ class PruneConfig:
     cache_dir: Optional[str] = None  # where a large teacher cache goes (default: a temp dir)
     host_cache_limit_gb: float = 16.0  # teacher caches larger than this go to disk
     progress: bool = True
-    # recovery after selection, on the masked model (sdmprune.recover hooks in here); off by default
+    # recovery after selection, on the masked model (sdmprune.recovery.recover hooks in here); off by default
     recover_steps: int = 0
     recover_data: Any = None
-    recover_config: Any = None  # sdmprune.recover.FinetuneConfig (None = its defaults)
-    # scale-out (sdmprune.sharding / sdmprune.offload); both need a gradient method on engine fused/torch
+    recover_config: Any = None  # sdmprune.recovery.recover.FinetuneConfig (None = its defaults)
+    # scale-out (sdmprune.scale.sharding / sdmprune.scale.offload); both need a gradient method on engine fused/torch
     shard: Optional[str] = None  # "fsdp": FSDP2-shard the decoder layers (needs an initialized process group)
     offload: Optional[str] = None  # "cpu": decoder layers in host memory, streamed to offload_device
     offload_device: Optional[str] = None  # where offloaded layers run (None: cuda if available, else cpu)
-    # checkpointed layer inputs in pinned host memory between forward and backward (sdmprune.activation_offload)
+    # checkpointed layer inputs in pinned host memory between forward and backward (sdmprune.scale.activation_offload)
     offload_activations: bool = False
 
     def validate(self) -> "PruneConfig":
@@ -120,6 +120,8 @@ class PruneConfig:
                 raise InputError("--shard fsdp and --offload cpu cannot be combined")
             if self.recover_steps:
                 raise InputError(f"recovery (--recover-steps) does not run under {flag}; recover the saved model")
+        if self.recover_steps:
+            require_extra("peft", "--recover-steps (LoRA recovery)")
         if self.recover_steps and self.recover_data is None:
             raise InputError("--recover-steps needs recovery data (a data source, calibration tokens or rows)")
         if self.offload_activations:
@@ -130,7 +132,7 @@ class PruneConfig:
                 raise InputError("--offload-activations moves the checkpointed layer inputs: it needs gradient "
                                  "checkpointing (drop --no-gradient-checkpointing)")
         if self.offload:
-            from .offload import check_offload
+            from .scale.offload import check_offload
 
             check_offload(self.offload, offload_device(self))
         elif self.offload_device is not None:
@@ -182,7 +184,7 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     cfg = configured(cfg, **overrides)
     method = get_method(cfg.method)
     if cfg.shard == "fsdp":
-        from .sharding import require_process_group
+        from .scale.sharding import require_process_group
 
         require_process_group()  # InputError before any work
     plan = plan_width(model, cfg.ratio, cfg.width, cfg.round_to)
@@ -192,7 +194,7 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     device = scoring_device(model, cfg)
     engine, backend = ("none", "none")
     if method.gradient:
-        from .taylor import resolve_engine
+        from .scoring.taylor import resolve_engine
 
         engine, backend = resolve_engine(cfg.engine, device, method)
     state = None
@@ -222,7 +224,7 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     if on_selected is not None:
         on_selected(model, selection.keep)
     if cfg.recover_steps:  # fine-tune the masked model before slicing (one weight copy)
-        from .recover import recover_masked_
+        from .recovery.recover import recover_masked_
 
         t0 = time.perf_counter()
         stats["recover"] = recover_masked_(model, selection.keep, tokenizer, cfg.recover_data, cfg.recover_steps,
@@ -268,7 +270,7 @@ def check_tokens(tokens, model, needed: bool) -> Optional[torch.Tensor]:
 
 
 def prune_fingerprint(model, tokens, cfg: PruneConfig, engine: str, device: torch.device) -> dict:
-    """What decides a prune's result, for resume (sdmprune.run_state): the settings, the engine, the
+    """What decides a prune's result, for resume (sdmprune.storage.run_state): the settings, the engine, the
     model's weights, dtype and device kind, the ranks and the calibration tokens."""
     fp = {FLAGS[k]: getattr(cfg, k) for k in ("method", "ratio", "width", "alpha", "temperature", "stage1_keep",
                                                 "batch_size", "seed", "round_to")}
@@ -292,7 +294,7 @@ def offload_device(cfg: PruneConfig) -> torch.device:
 def scoring_device(model, cfg: PruneConfig) -> torch.device:
     """Where the scoring passes run: the FSDP2 shards' device, the offload target, or the model's device."""
     if cfg.shard == "fsdp":
-        from .sharding import shard_device
+        from .scale.sharding import shard_device
 
         return shard_device()
     if cfg.offload == "cpu":
@@ -311,7 +313,7 @@ def scale_out(model, cfg: PruneConfig, device: torch.device, stats: dict):
     if cfg.shard == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        from .sharding import shard_model, sharded_bytes, unshard_model_
+        from .scale.sharding import shard_model, sharded_bytes, unshard_model_
 
         # the mesh follows the process group's backend (the default mesh would pick CUDA whenever a
         # GPU exists, even under gloo with --device cpu)
@@ -323,7 +325,7 @@ def scale_out(model, cfg: PruneConfig, device: torch.device, stats: dict):
             stats.update(peak_memory(device))  # the scoring peak, before the layers are gathered for slicing
             unshard_model_(model)  # collective: every rank gathers full weights on the CPU
     elif cfg.offload == "cpu":
-        from .offload import stream_layers
+        from .scale.offload import stream_layers
 
         layers = get_adapter(model).decoder_layers(model)
         home = next(layers[0].parameters()).device

@@ -19,7 +19,7 @@ Configs: Hugging Face configs hold one ``intermediate_size`` for every layer, so
 and the model saves/loads with plain ``from_pretrained``. Non-uniform widths raise ``InputError``
 unless ``allow_nonuniform=True``; then ``config.sdmprune_intermediate_sizes`` lists the width of every
 layer and ``config.intermediate_size`` is set to the largest, so a plain ``from_pretrained`` fails
-loudly with a shape mismatch instead of loading garbage; ``sdmprune.save.load_pruned`` loads it.
+loudly with a shape mismatch instead of loading garbage; ``sdmprune.storage.save.load_pruned`` loads it.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def prune_model_(model: nn.Module, keep: Mapping[int, KeepLike], allow_nonunifor
         raise InputError(
             f"non-uniform MLP widths {sorted(set(widths.values()))}: Hugging Face configs hold one "
             "intermediate_size for all layers; pass allow_nonuniform=True to save them in sdmprune's own "
-            "format (config.sdmprune_intermediate_sizes, loaded with sdmprune.save.load_pruned)"
+            "format (config.sdmprune_intermediate_sizes, loaded with sdmprune.storage.save.load_pruned)"
         )
     for g in mlps.values():
         _check_device(g)

@@ -22,11 +22,13 @@ import torch.distributed as tdist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_model  # noqa: E402
 
-from sdmprune import distributed, pipeline, taylor  # noqa: E402
+from sdmprune import pipeline  # noqa: E402
+from sdmprune.scale import distributed
+from sdmprune.scoring import taylor
 from sdmprune.errors import InputError  # noqa: E402
-from sdmprune.importance import TaylorImportance  # noqa: E402
+from sdmprune.scoring.importance import TaylorImportance  # noqa: E402
 from sdmprune.models import find_gated_mlps, get_adapter  # noqa: E402
-from sdmprune.sharding import is_sharded, shard_model, unshard_model_  # noqa: E402
+from sdmprune.scale.sharding import is_sharded, shard_model, unshard_model_  # noqa: E402
 
 N, L = 4, 12
 PIPE = dict(width=100, stage1_keep=0.8, engine="torch", batch_size=2, progress=False, temperature=0.5)
@@ -113,7 +115,7 @@ class Stop(Exception):
 
 
 def cli_level(result, workdir):
-    from sdmprune import save
+    from sdmprune.storage import save
     from sdmprune.cli import main
 
     writes = []

@@ -1,4 +1,4 @@
-"""Checkpointed layer inputs in host memory (--offload-activations, sdmprune.activation_offload):
+"""Checkpointed layer inputs in host memory (--offload-activations, sdmprune.scale.activation_offload):
 the recompute really reads the offloaded copy, gradients and scores are unchanged, copies come back
 in reverse layer order one layer ahead, nothing outlives the graph, and the memory model counts it."""
 import contextlib
@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from conftest import cuda, tiny_model
-from sdmprune.activation_offload import CheckpointInputOffload, offload_checkpoint_inputs
+from sdmprune.scale.activation_offload import CheckpointInputOffload, offload_checkpoint_inputs
 from sdmprune.errors import InputError
 from sdmprune.models import set_activation_checkpointing
 
@@ -206,7 +206,7 @@ def test_host_buffers_are_reused_across_passes_and_gradients_stay_bit_identical(
 def test_host_buffer_pool_bounds_and_close():
     """The pool hands a buffer back only for the same byte size and device, keeps at most the peak
     bytes in use as idle buffers (least recently returned dropped first) and keeps nothing once closed."""
-    from sdmprune.activation_offload import HostBufferPool
+    from sdmprune.scale.activation_offload import HostBufferPool
 
     pool = HostBufferPool(pin=False)
     cpu = torch.device("cpu")

@@ -1,5 +1,5 @@
-"""Activation Taylor importance (HFPrune): the op (kernels/activation_taylor.py), the gated-MLP
-backward with importance="activation" (kernels/gated_mlp.py) and TaylorImportance(kind="activation")
+"""Activation Taylor importance (HFPrune): the op (sdmprune_kernels/activation_taylor.py), the gated-MLP
+backward with importance="activation" (sdmprune_kernels/gated_mlp.py) and TaylorImportance(kind="activation")
 on a tiny LLaMA with the entropy loss, against float64 references and a naive per-sample loop.
 
 Tolerances. The op's score is a sum of non-negative float32 products (bf16 x bf16 is exact in

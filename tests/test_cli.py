@@ -148,7 +148,7 @@ def test_existing_output_needs_overwrite(files, tmp_path, capsys):
 def test_prune_with_one_copy_recovery(files, tmp_path, capsys, monkeypatch):
     """--recover-steps: LoRA recovery of the masked model on the calibration windows, merged, then sliced;
     the output is a plain HF model whose weights moved away from the unrecovered prune's."""
-    import sdmprune.trainer as trainer
+    import sdmprune.recovery.trainer as trainer
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(trainer, "LOSS_BACKEND", "torch")

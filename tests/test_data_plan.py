@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_byte_tokenizer, tiny_model
-from sdmprune import distributed as dist
+from sdmprune.scale import distributed as dist
 from sdmprune.data import calibration_windows, eval_token_stream, resolve_source, sample_from_model
 from sdmprune.errors import InputError
 from sdmprune.evaluate import evaluate_perplexity

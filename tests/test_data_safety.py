@@ -148,7 +148,7 @@ def test_a_users_work_dir_is_kept(model_dir, tmp_path, capsys):
 def test_a_stale_temporary_output_is_removed_at_the_next_run(model_dir, tmp_path, capsys):
     """A run killed while saving leaves a hidden temporary folder; the next run for that output removes it
     (and only folders this package made: a look-alike without its marker stays)."""
-    from sdmprune.paths import PARTIAL_MARKER
+    from sdmprune.storage.paths import PARTIAL_MARKER
 
     stale = tmp_path / ".o.tmp-dead1234"
     stale.mkdir()
@@ -240,7 +240,7 @@ def test_self_text_evaluation_is_the_same_in_prune_eval_and_finetune(model_dir, 
     from sdmprune.data import eval_token_stream
     from sdmprune.evaluate import perplexity_on_source
     from sdmprune.loading import load_model
-    from sdmprune.recover import FinetuneConfig, _eval
+    from sdmprune.recovery.recover import FinetuneConfig, _eval
 
     model, tok = load_model(str(model_dir))
     from sdmprune.models import get_adapter
@@ -267,7 +267,7 @@ def test_a_fresh_start_forgets_an_earlier_checkpoint(tmp_path, monkeypatch):
     """Run A stops in stage 2; run B starts afresh (no --resume) over the same work folder and stops in
     stage 1 before its first checkpoint. A --resume now must not pair A's stage-2 state with the teacher
     cache B has begun to rewrite: A's checkpoint is gone with B's start, and the resume starts over."""
-    from sdmprune import taylor
+    from sdmprune.scoring import taylor
     from sdmprune.pipeline import PruneConfig, prune_model
 
     tokens = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -297,7 +297,7 @@ def test_a_fresh_start_forgets_an_earlier_checkpoint(tmp_path, monkeypatch):
 def test_weights_digest_reads_large_tensors_and_tells_weights_apart():
     """The resume fingerprint's weights digest: any parameter size (past float32's exact integers), one
     changed sampled value or another dtype changes it, the same weights give the same digest."""
-    from sdmprune.run_state import WEIGHT_SAMPLES, weights_digest
+    from sdmprune.storage.run_state import WEIGHT_SAMPLES, weights_digest
 
     big = torch.nn.Linear(2 ** 12 + 1, 2 ** 12 + 3, bias=False).to(torch.float16)  # 16.8 M elements > 2**24
     a = weights_digest(big)

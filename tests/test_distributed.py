@@ -205,7 +205,7 @@ def test_cli_two_ranks(launches, single_process_cli, workdir):
 
 
 def test_shard_without_process_group_is_input_error(tmp_path):
-    from sdmprune.sharding import shard_model
+    from sdmprune.scale.sharding import shard_model
 
     model = tiny_model(seed=0, layers=2)
     w = model.model.layers[0].mlp.up_proj.weight

@@ -185,6 +185,50 @@ def test_fused_kernels_on_families(model_type):
     assert max(rel(got[k], want[k]) for k in want) <= 2e-4
 
 
+# Which fused layer ops apply to each accepted family at the tiny sizes, on the transformers versions
+# this package supports: (RMSNorms swapped, rotary swapped). A release that changes how a family's norms
+# or rotary are written (e.g. hub-kernel decorators) fails here instead of silently slowing users down.
+EXPECTED_LAYER_OPS = {
+    "cohere": (0, False), "cohere2": (0, False), "cwm": (5, True), "diffllama": (5, True), "doge": (9, True),
+    "ernie4_5": (5, False), "exaone": (5, True), "exaone4": (9, True), "flint": (9, True), "gemma": (5, True),
+    "gemma3_text": (13, True), "gemma4_unified_text": (13, False), "granite": (5, True), "granite_swa": (5, True),
+    "helium": (5, False), "hunyuan_v1_dense": (9, True), "hyperclovax": (9, True), "internlm3": (5, True),
+    "iquestcoder": (5, True), "llama": (5, True), "minicpm3": (9, False), "ministral": (5, True),
+    "ministral3": (5, True), "mistral": (5, True), "olmo": (0, True), "olmo2": (9, True), "olmo3": (9, True),
+    "qwen2": (5, True), "qwen3": (9, True), "seed_oss": (5, True), "stablelm": (0, True),
+}
+
+
+@pytest.fixture(scope="module")
+def layer_ops(families):
+    from sdmprune.models import find_layer_ops
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t, r in families.items():
+            if r[0] == "checked":
+                out[t] = find_layer_ops(build(t)[0]).report()
+    return out
+
+
+def test_fused_layer_ops_per_family(layer_ops):
+    """Per accepted family: how many RMSNorms and whether the rotary go through sdmprune's kernels."""
+    import transformers
+
+    got = {t: (r["rms_norm"]["applied"], r["rotary"]["applied"]) for t, r in layer_ops.items()}
+    changed = {t: {"expected": EXPECTED_LAYER_OPS[t], "now": got[t], "why": layer_ops[t]["rotary"]["why"],
+                   "norms left alone": layer_ops[t]["rms_norm"]["left_alone"]}
+               for t in got if t in EXPECTED_LAYER_OPS and got[t] != EXPECTED_LAYER_OPS[t]}
+    assert not changed, (f"transformers {transformers.__version__} changed which fused layer ops apply "
+                         f"(rms_norm count, rotary): {changed}")
+    new = sorted(set(got) - set(EXPECTED_LAYER_OPS))
+    if new:
+        warnings.warn(f"transformers {transformers.__version__}: families without an expected layer-ops entry "
+                      f"(add them to EXPECTED_LAYER_OPS): {', '.join(f'{t} {got[t]}' for t in new)}")
+    assert got.get("llama") == (5, True), "the plain llama family must get every fused layer op"
+
+
 def render(families) -> str:
     import transformers
 

@@ -1,4 +1,4 @@
-"""GGUF in, GGUF out (sdmprune.gguf_export): a tiny random llama written as GGUF by the test itself,
+"""GGUF in, GGUF out (sdmprune.storage.gguf_export): a tiny random llama written as GGUF by the test itself,
 pruned with write_pruned_gguf, loaded back with transformers' GGUF loader and compared with the same
 channels sliced in Hugging Face (sdmprune.slicing.prune_model_) on the model loaded from the source.
 
@@ -30,7 +30,8 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from sdmprune.errors import InputError  # noqa: E402
-from sdmprune.gguf_export import MARK_KEY, is_sdmprune_gguf, write_pruned_gguf  # noqa: E402
+from sdmprune.storage.gguf_export import MARK_KEY, write_pruned_gguf  # noqa: E402
+from sdmprune.storage.paths import is_sdmprune_gguf  # noqa: E402
 from sdmprune.slicing import prune_model_  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

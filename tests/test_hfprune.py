@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_byte_tokenizer, tiny_model
-from sdmprune import taylor
+from sdmprune.scoring import taylor
 from sdmprune.cli import main
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 from sdmprune.models import find_gated_mlps

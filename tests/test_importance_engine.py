@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from sdmprune import TaylorImportance
 from sdmprune.errors import InputError
-from sdmprune.importance import NaiveTaylorImportance
+from sdmprune.scoring.importance import NaiveTaylorImportance
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 
 VOCAB = 300

@@ -6,9 +6,9 @@ import torch
 
 from conftest import cuda, tiny_model
 from sdmprune.errors import InputError
-from sdmprune.importance import TaylorImportance
+from sdmprune.scoring.importance import TaylorImportance
 from sdmprune.models import get_adapter, set_activation_checkpointing
-from sdmprune.offload import LayerStreamer, check_offload
+from sdmprune.scale.offload import LayerStreamer, check_offload
 
 
 def ce_scores(model, x, checkpointing, streamer=None, device="cpu"):
@@ -144,7 +144,7 @@ def test_cli_offload_with_device_cpu_never_touches_cuda(tmp_path, monkeypatch, c
     CPU and nothing asks CUDA for anything (any CUDA call would fail here: there is no driver)."""
     import json
 
-    from sdmprune import offload
+    from sdmprune.scale import offload
     from sdmprune.cli import main
 
     if torch.cuda.is_available():

@@ -3,11 +3,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sdmprune import passes, pipeline, taylor
+from sdmprune import pipeline
+from sdmprune.scoring import passes
+from sdmprune.scoring import taylor
 from sdmprune.errors import InputError
 from sdmprune.kernels.utils import interpreter_enabled, triton_available
 from sdmprune.models import find_gated_mlps
-from sdmprune.methods import top_channels
+from sdmprune.scoring.selection import top_channels
 from sdmprune.pipeline import PruneConfig, prune_model
 
 
@@ -270,7 +272,7 @@ def test_bad_config():
 def test_teacher_cache_pins_exactly_what_it_holds():
     """The host teacher cache is page-locked at its own size: torch's pinned allocator (which rounds
     every request up to a power of two and keeps the block cached) is not used for it."""
-    from sdmprune.taylor import TeacherCache
+    from sdmprune.scoring.taylor import TeacherCache
 
     before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
     n, L, d = 3, 1000, 1031  # 6.2 MB of bf16: a power-of-two allocator would take 8 MiB

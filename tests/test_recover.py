@@ -1,4 +1,4 @@
-"""Recovery fine-tuning (sdmprune.recover, sdmprune.sft_data) on tiny random LLaMA models, CPU.
+"""Recovery fine-tuning (sdmprune.recovery.recover, sdmprune.recovery.sft_data) on tiny random LLaMA models, CPU.
 
 Tolerances: float32 model vs a float64 materialized-logits reference: rtol 1e-4 / atol 1e-6 on the
 loss and 2e-4 relative (max-abs over the tensor) on adapter gradients; exact (0) where the same
@@ -14,10 +14,13 @@ import torch
 
 from conftest import tiny_model
 
-from sdmprune import cli, lora, recover, trainer
+from sdmprune import cli
+from sdmprune.recovery import lora
+from sdmprune.recovery import recover
+from sdmprune.recovery import trainer
 from sdmprune.models import find_gated_mlps, get_adapter
-from sdmprune.recover import FinetuneConfig
-from sdmprune.sft_data import IGNORE_INDEX, Record, build_rows, load_records
+from sdmprune.recovery.recover import FinetuneConfig
+from sdmprune.recovery.sft_data import IGNORE_INDEX, Record, build_rows, load_records
 
 TEXT = ("the quick brown fox jumps over the lazy dog. a stitch in time saves nine.\n"
         "all that glitters is not gold; fortune favours the bold.\n") * 12
@@ -286,7 +289,7 @@ def test_offloaded_activations_train_the_same(tmp_path, model_dir, text_file, me
     from safetensors.torch import load_file
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from sdmprune import activation_offload
+    from sdmprune.scale import activation_offload
 
     attention = contextlib.nullcontext
     if device == "cuda":

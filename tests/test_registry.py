@@ -22,7 +22,7 @@ def calib(n=3, L=12, seed=0):
 @pytest.fixture
 def registered():
     """Register methods for one test and remove them afterwards."""
-    from sdmprune import methods
+    from sdmprune.scoring import registry as methods
 
     names = []
 
@@ -36,7 +36,7 @@ def registered():
 
 
 def test_builtin_methods_are_registry_entries():
-    from sdmprune.methods import available_methods, get_method
+    from sdmprune.scoring.registry import available_methods, get_method
 
     assert {"sdmprune", "taylor", "wanda-sp", "magnitude", "random"} <= set(available_methods())
     assert get_method("sdmprune").gradient and get_method("sdmprune").needs_calibration
@@ -111,7 +111,7 @@ PLUGIN = textwrap.dedent('''
 
 
 def test_plugin_method_from_the_command_line(tmp_path, capsys, monkeypatch):
-    from sdmprune import methods
+    from sdmprune.scoring import registry as methods
 
     model = tiny_model(seed=6)
     model.save_pretrained(tmp_path / "tiny")

@@ -1,4 +1,4 @@
-"""RMSNorm op (kernels/rms_norm.py): Triton kernels (interpreter on CPU, compiled for sm_90) and the
+"""RMSNorm op (sdmprune_kernels/rms_norm.py): Triton kernels (interpreter on CPU, compiled for sm_90) and the
 PyTorch path against a float64 reference; the transformers modules it replaces; what it keeps for
 backward; swapping a model's norms.
 

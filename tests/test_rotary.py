@@ -1,4 +1,4 @@
-"""Rotary op (kernels/rotary.py): the Triton kernel (interpreter on CPU, compiled for sm_90) and the
+"""Rotary op (sdmprune_kernels/rotary.py): the Triton kernel (interpreter on CPU, compiled for sm_90) and the
 PyTorch path against a float64 reference; transformers' apply_rotary_pos_emb; swapping it in a model.
 
 Tolerances, against float64 on the same (already rounded) inputs: float32 rtol 1e-5 with atol 1e-5 x

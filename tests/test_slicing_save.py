@@ -15,8 +15,8 @@ from torch import nn
 from conftest import tiny_config, tiny_model
 from sdmprune.errors import InputError
 from sdmprune.models import count_parameters, find_gated_mlps
-from sdmprune.paths import MANIFEST, atomic_output_dir, is_package_output, write_json_atomic
-from sdmprune.save import load_pruned, save_pruned
+from sdmprune.storage.paths import MANIFEST, atomic_output_dir, is_package_output, write_json_atomic
+from sdmprune.storage.save import load_pruned, save_pruned
 from sdmprune.slicing import prune_mlp_, prune_model_, reclaim_memory
 
 WIDTH = 160

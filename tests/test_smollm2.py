@@ -46,7 +46,7 @@ def test_smollm2_prune_save_reload(tmp_path):
     from sdmprune.loading import load_model
     from sdmprune.models import count_parameters
     from sdmprune.pipeline import PruneConfig, prune_model
-    from sdmprune.save import save_pruned
+    from sdmprune.storage.save import save_pruned
 
     model, tokenizer = load_model("smollm2-135m", dtype="fp32", device="cpu")
     before = count_parameters(model)

@@ -1,5 +1,5 @@
-"""Fused Taylor-importance accumulation (kernels/taylor_importance.py) and the gated-MLP Function
-(kernels/gated_mlp.py), against float64 references.
+"""Fused Taylor-importance accumulation (sdmprune_kernels/taylor_importance.py) and the gated-MLP Function
+(sdmprune_kernels/gated_mlp.py), against float64 references.
 
 Tolerances. The kernel reads its inputs as given (bf16 values are exact in fp32/fp64) and
 accumulates in fp32, so against a float64 reference on the same (already rounded) inputs both dtypes

@@ -31,6 +31,20 @@ def progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
+def verbose_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also say which fused layer ops (RMSNorm, rotary) the gradient passes used, and why not")
+
+
+def say_layer_ops(report: Optional[dict], verbose: bool, where: str) -> None:
+    """The fused layer ops a pass used (models.LayerOps.report): with --verbose always, otherwise only
+    when a probe left some of the model's own code in place (the run is then slower or larger)."""
+    from ..models import describe_layer_ops, layer_ops_incomplete
+
+    if report is not None and (verbose or layer_ops_incomplete(report)):
+        print(f"sdmprune: {where}: {describe_layer_ops(report)}", file=sys.stderr, flush=True)
+
+
 def at_least(value, least, flag: str) -> None:
     """InputError naming ``flag`` unless ``value`` (when given) is a number >= ``least``."""
     if value is None:

@@ -35,7 +35,7 @@ def run(args) -> int:
     from ..data import resolve_source
     from ..evaluate import resolve_tasks
     from ..loading import check_positions, default_dtype, resolve_device, resolve_model
-    from ..paths import check_output_file
+    from ..storage.paths import check_output_file
 
     if not args.ppl and not args.tasks:
         raise InputError("nothing to evaluate: give --ppl SRC and/or --tasks")
@@ -60,7 +60,7 @@ def run(args) -> int:
     warn_remote_code(args)
     results = run_eval(args, source, spec, tasks, default_dtype(args.dtype, device))
     if json_path is not None:
-        from ..paths import write_json_atomic
+        from ..storage.paths import write_json_atomic
 
         write_json_atomic(json_path, results, written_by="sdmprune eval")
     return 0

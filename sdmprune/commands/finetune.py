@@ -1,11 +1,11 @@
-"""``sdmprune finetune``: recovery fine-tuning of a (pruned) model (sdmprune.recover.finetune)."""
+"""``sdmprune finetune``: recovery fine-tuning of a (pruned) model (sdmprune.recovery.recover.finetune)."""
 from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError
-from ..recover import FinetuneConfig
-from .common import device_options, model_argument, progress_option, warn_remote_code
+from ..errors import InputError, require_extra
+from ..recovery.recover import FinetuneConfig
+from .common import device_options, model_argument, progress_option, say_layer_ops, verbose_option, warn_remote_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,11 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT when it is an earlier sdmprune output (never a folder holding anything else)")
     progress_option(p)
+    verbose_option(p)
 
 
 def config_from_args(args) -> FinetuneConfig:
     if args.lora and args.full:
         raise InputError("--lora and --full exclude each other")
+    if not args.full:
+        require_extra("peft", "finetune --lora (the default; --full needs no peft)")
     return FinetuneConfig(
         method="full" if args.full else "lora", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, targets=args.targets, distill=args.distill, teacher=args.teacher,
@@ -70,9 +73,9 @@ def config_from_args(args) -> FinetuneConfig:
 
 
 def run(args) -> int:
-    from ..paths import WorkDir
-    from ..recover import checkpoint_dir, finetune
-    from ..trainer import CHECKPOINT_FILE
+    from ..storage.paths import WorkDir
+    from ..recovery.recover import checkpoint_dir, finetune
+    from ..recovery.trainer import CHECKPOINT_FILE
 
     cfg = config_from_args(args)
     warn_remote_code(args)
@@ -81,6 +84,7 @@ def run(args) -> int:
         args.resume_hint.file(CHECKPOINT_FILE)
     report = finetune(args.model, args.data, args.out, cfg)
     tr = report["training"]
+    say_layer_ops(tr.get("layer_ops"), args.verbose, "training steps")
     line = (f"finetune: {tr['steps']} steps, {tr['tokens']} tokens, loss {tr['first_loss']:.4f} -> "
             f"{tr['last_loss']:.4f}, {tr['seconds']:.1f} s -> {args.out}")
     if report.get("eval_ppl"):

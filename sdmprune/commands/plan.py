@@ -7,7 +7,7 @@ import json
 
 from ..errors import InputError
 from ..memory import BUILTIN_SHAPES, ENGINES, format_plan, largest_batch, parse_size, predict_peak_memory, resolve_shape
-from ..taylor import OBJECTIVES
+from ..scoring.taylor import OBJECTIVES
 from .common import at_least
 
 

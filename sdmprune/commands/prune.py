@@ -1,7 +1,7 @@
 """``sdmprune prune``: check everything, load, calibrate, (evaluate), prune, (evaluate), save.
 
 Every check that needs no weights runs first (``check_prune_arguments``): the method, the numbers,
-the device, the output paths under the ownership rule (sdmprune.paths), the data sources, the model's
+the device, the output paths under the ownership rule (sdmprune.storage.paths), the data sources, the model's
 config and the width plan. Only then is the model loaded. Under torchrun each rank scores its shard
 of the samples and rank 0 writes.
 """
@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import distributed as dist
-from ..errors import InputError
-from ..methods import ENGINES, get_method
-from .common import at_least, device_options, import_plugins, model_argument, progress_option, warn_remote_code
+from ..scale import distributed as dist
+from ..errors import InputError, require_extra
+from ..scoring.registry import ENGINES, get_method
+from .common import (at_least, device_options, import_plugins, model_argument, progress_option, say_layer_ops,
+                     verbose_option, warn_remote_code)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
     progress_option(p)
+    verbose_option(p)
     p.add_argument("--recover-steps", type=int, default=0, metavar="N",
                    help="after selection, N steps of distilled LoRA recovery on the masked model (one weight "
                         "copy; the adapters are merged before slicing)")
@@ -117,7 +119,7 @@ def check_prune_arguments(args) -> PruneJob:
     from ..loading import check_positions, default_dtype, resolve_device, resolve_model
     from ..memory import batch_size_for_memory
     from ..models import meta_model_from_config
-    from ..paths import WorkDir, check_output_dir, check_output_file
+    from ..storage.paths import WorkDir, check_output_dir, check_output_file
     from ..pipeline import PruneConfig
     from ..widths import plan_width
 
@@ -139,7 +141,7 @@ def check_prune_arguments(args) -> PruneJob:
                       offload_device=str(device) if args.offload else None,
                       offload_activations=args.offload_activations, **_recovery_options(args)).validate()
     if cfg.shard == "fsdp":
-        from ..sharding import require_process_group
+        from ..scale.sharding import require_process_group
 
         require_process_group()
     if dist.world_size() > args.samples and method.needs_calibration:
@@ -157,6 +159,7 @@ def check_prune_arguments(args) -> PruneJob:
     if args.gguf_down_type and not args.gguf:
         raise InputError("--gguf-down-type applies to --gguf")
     if args.gguf:
+        require_extra("gguf", "--gguf")
         if cfg.recover_steps:
             raise InputError("--gguf slices the input GGUF's own weights; recovered (--recover-steps) weights would "
                              "not be in it: export the recovered model from the saved folder instead")
@@ -188,7 +191,7 @@ def check_prune_arguments(args) -> PruneJob:
             raise InputError(f"--max-memory sizes the batch of the gradient passes; method {cfg.method!r} has none")
         if args.batch_size is not None:
             raise InputError("--batch-size and --max-memory exclude each other (--max-memory picks the batch size)")
-        from ..taylor import resolve_engine
+        from ..scoring.taylor import resolve_engine
 
         engine, _ = resolve_engine(cfg.engine, device, method)
         cfg.batch_size, budget = batch_size_for_memory(source.config, cfg, engine, args.seq_len, args.max_memory,
@@ -204,7 +207,7 @@ def _recovery_options(args) -> dict:
         if steps < 0:
             raise InputError(f"--recover-steps {steps} must be >= 0")
         return {}
-    from ..recover import FinetuneConfig
+    from ..recovery.recover import FinetuneConfig
 
     data = args.recover_data
     if data is None and not get_method(args.method).needs_calibration:
@@ -248,9 +251,9 @@ def run(args) -> int:
 def _run(args) -> int:
     from ..evaluate import perplexity_on_source
     from ..loading import load_model, load_tokenizer
-    from ..offload import maybe_stream_layers
+    from ..scale.offload import maybe_stream_layers
     from ..pipeline import prune_model
-    from ..save import package_versions, save_pruned, save_scores
+    from ..storage.save import package_versions, save_pruned, save_scores
 
     job = check_prune_arguments(args)
     warn_remote_code(args)
@@ -321,6 +324,9 @@ def _run(args) -> int:
     result = prune_model(model, tokens, cfg, checkpoint_dir=job.work, resume=args.resume, tokenizer=tokenizer,
                          on_selected=evaluate_pruned if recovering_with_eval else None)
     st = result.stats
+    if main:
+        say_layer_ops(st.get("layer_ops"), args.verbose, "scoring passes")
+        say_layer_ops(st.get("recover", {}).get("layer_ops"), args.verbose, "recovery steps")
     say(f"pruned: params {st['params_before']:,} -> {st['params_after']:,} "
         f"({1 - st['params_after'] / st['params_before']:.2%} removed) in {st['time_s']['total']:.1f}s, "
         f"engine {st['engine']}")
@@ -340,7 +346,7 @@ def _run(args) -> int:
     })
     if main:
         if job.gguf_path:  # before the folder, so that its report says how the GGUF was written
-            from ..gguf_export import write_pruned_gguf
+            from ..storage.gguf_export import write_pruned_gguf
 
             report["gguf"] = write_pruned_gguf(source.describe(), result.keep, job.gguf_path,
                                                overwrite=args.overwrite, down_type=args.gguf_down_type)

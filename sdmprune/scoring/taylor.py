@@ -35,10 +35,10 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dist
-from .errors import InputError
-from .methods import ScoringRun, Selection, top_channels
-from .models import find_gated_mlps, fused_layer_ops, get_adapter, scoring_mode, set_activation_checkpointing
+from ..scale import distributed as dist
+from ..errors import InputError
+from .selection import ScoringRun, Selection, top_channels
+from ..models import find_gated_mlps, find_layer_ops, fused_layer_ops, get_adapter, scoring_mode, set_activation_checkpointing
 from .passes import causal_labels, progress_bar, seconds_since, tick, tokens_to
 
 # Test hook: called as hook(stage, batches_done_in_stage) after every calibration batch (after any
@@ -95,17 +95,21 @@ def gradient_pass(model, checkpointing: bool, backend: str = "auto", offload_act
     kept. The RMSNorms and the rotary embedding run sdmprune's kernels (``backend``;
     models.fused_layer_ops): one pass each way, and the norms keep x and 1/rms for backward instead
     of a float32 copy of x. ``offload_activations``: the checkpointed layer inputs wait in pinned
-    host memory (sdmprune.activation_offload; its counters go to ``stats["activation_offload"]``)."""
+    host memory (sdmprune.scale.activation_offload; its counters go to ``stats["activation_offload"]``).
+    Which layer ops were swapped, and why others were not, goes to ``stats["layer_ops"]``."""
     from sdmprune.kernels.gated_mlp import checkpoint_context_fn
 
-    from .activation_offload import maybe_offload_checkpoint_inputs
+    from ..scale.activation_offload import maybe_offload_checkpoint_inputs
 
     use_cache = getattr(model.config, "use_cache", None)
     context_fn = checkpoint_context_fn(get_adapter(model).mlp_output_feeds_residual_only(model))
     was_gc = set_activation_checkpointing(model, True, context_fn=context_fn) if checkpointing else None
     model.config.use_cache = False
+    ops = find_layer_ops(model)
+    if stats is not None:
+        stats["layer_ops"] = ops.report()
     try:
-        with scoring_mode(model), fused_layer_ops(model, backend), \
+        with scoring_mode(model), fused_layer_ops(model, backend, ops), \
                 maybe_offload_checkpoint_inputs(model, offload_activations) as offload:
             yield
         if offload is not None and stats is not None:

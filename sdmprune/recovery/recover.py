@@ -1,7 +1,7 @@
 """Recovery fine-tuning after pruning: LoRA or full, plain causal-LM loss or self-distillation.
 
-Two entry points share one training loop (``sdmprune.trainer.Trainer``; LoRA set-up in
-``sdmprune.lora``):
+Two entry points share one training loop (``sdmprune.recovery.trainer.Trainer``; LoRA set-up in
+``sdmprune.recovery.lora``):
 
 * ``finetune(model_or_path, data, out_dir, cfg)`` / ``sdmprune finetune``: fine-tune a (pruned)
   model and write a PEFT adapter dir (LoRA; ``--merge`` adds ``DIR/merged``, a plain model dir) or a
@@ -24,10 +24,10 @@ Two entry points share one training loop (``sdmprune.trainer.Trainer``; LoRA set
 The official recipe is the default: LoRA r 8, alpha 16, dropout 0.05 on q/k/v/o/gate/up/down, AdamW
 lr 1e-4 with cosine decay and no warm-up, weight decay 0.05, 2 epochs, 16 sequences per optimizer
 step, packed to 4096 tokens (capped at the model's positions), bf16 on GPU (float32 on CPU). Packed
-records never see each other (sdmprune.sft_data).
+records never see each other (sdmprune.recovery.sft_data).
 
 Checkpoints (every ``save_every`` steps, and when interrupted) go to the work folder
-``<out_dir>.checkpoint/`` (sdmprune.run_state): ``--resume`` continues from it to the same final
+``<out_dir>.checkpoint/`` (sdmprune.storage.run_state): ``--resume`` continues from it to the same final
 weights as an uninterrupted run and refuses one made with other options, data, weights, dtype or
 device kind; the run's files there are removed once the output is written.
 """
@@ -46,11 +46,11 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 from .lora import apply_lora, base_storage_pointers, lora_targets, unwrap_peft_attrs
-from .models import ChannelMasks, get_adapter, set_activation_checkpointing
-from .paths import REPORT_NAME, WorkDir, atomic_output_dir, check_output_dir, write_json_atomic
-from .save import package_versions
+from ..models import ChannelMasks, get_adapter, set_activation_checkpointing
+from ..storage.paths import REPORT_NAME, WorkDir, atomic_output_dir, check_output_dir, write_json_atomic
+from ..storage.save import package_versions
 from .sft_data import Rows, build_rows, check_source, load_records
 from .trainer import Interrupted, Trainer, self_teacher, separate_teacher, total_steps  # noqa: F401
 
@@ -95,7 +95,7 @@ class FinetuneConfig:
     overwrite: bool = False
     save_every: int = 100  # checkpoint every K optimizer steps (0 = only when interrupted)
     gradient_checkpointing: bool = False
-    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (sdmprune.activation_offload)
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (sdmprune.scale.activation_offload)
     self_samples: int = 64  # --data self: sequences sampled from the unpruned model
     progress: bool = True
     stop_after: Optional[int] = None  # stop after this many steps as if interrupted (tests; checkpoint kept)
@@ -154,7 +154,7 @@ def _validate(cfg: FinetuneConfig) -> None:
 
 def resolve_seq_len(cfg: FinetuneConfig, model) -> int:  # model or config
     """cfg.seq_len, or min(4096, max positions); past the model's positions is an InputError."""
-    from .loading import check_positions
+    from ..loading import check_positions
 
     config = getattr(model, "config", model)
     max_pos = getattr(config, "max_position_embeddings", None)
@@ -308,7 +308,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     beside the student; recover_masked_ (pipeline --recover-steps) avoids it by recovering before
     slicing on one copy.
     """
-    from .loading import default_dtype, load_model, resolve_device, resolve_model
+    from ..loading import default_dtype, load_model, resolve_device, resolve_model
 
     cfg = cfg or FinetuneConfig()
     _validate(cfg)
@@ -440,7 +440,7 @@ def _check_teacher_shapes(sc, tc) -> None:
 def perplexity(model, tokens: torch.Tensor, seq_len: int, max_windows: Optional[int] = None) -> dict:
     """Perplexity over consecutive windows of ``tokens`` (1-D), through the fused CE
     (sdmprune.evaluate.evaluate_perplexity; it also runs on a LoRA-wrapped model)."""
-    from .evaluate import evaluate_perplexity
+    from ..evaluate import evaluate_perplexity
     from .trainer import LOSS_BACKEND  # read at call time: tests pin it
 
     ppl = evaluate_perplexity(model, tokens, seq_len=seq_len, max_windows=max_windows, backend=LOSS_BACKEND)
@@ -448,7 +448,7 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, max_windows: Optional[
 
 
 def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
-    from .data import eval_token_stream
+    from ..data import eval_token_stream
 
     if tokens is None:
         tokens, desc = eval_token_stream(cfg.eval_ppl, tokenizer, model=model, seed=cfg.seed,
@@ -461,7 +461,7 @@ def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
 
 def _write_output(model, peft_model, tokenizer, out_dir: Path, report: dict, cfg: FinetuneConfig,
                   inputs: Sequence) -> None:
-    from .loading import drop_gguf_quantizer
+    from ..loading import drop_gguf_quantizer
 
     drop_gguf_quantizer(model)
 

@@ -31,8 +31,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .data import read_text_file
-from .errors import InputError
+from ..data import read_text_file
+from ..errors import InputError, require_extra
 
 IGNORE_INDEX = -100
 INSTRUCTION_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -73,10 +73,9 @@ class Rows:
 def _read_instruction_file(path: Path) -> List[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
+        require_extra("pyarrow", f"{path}: reading parquet")
+        import pyarrow.parquet as pq
+
         try:
             return pq.read_table(path).to_pylist()
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
@@ -227,7 +226,7 @@ def load_records(src, tokenizer, seq_len: int, *, self_model=None, self_samples:
     if str(src) == "self":
         if self_model is None:
             raise InputError("--data self needs the unpruned model to sample from (pass --teacher, or recover before slicing)")
-        from .data import sample_from_model
+        from ..data import sample_from_model
 
         m = self_model() if callable(self_model) and not isinstance(self_model, torch.nn.Module) else self_model
         length = min(seq_len, self_length)

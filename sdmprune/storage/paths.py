@@ -38,9 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from .errors import InputError
+from ..errors import InputError
 
-__all__ = ["REPORT_NAME", "MANIFEST", "PARTIAL_MARKER", "WRITTEN_BY", "check_output_dir", "check_output_file",
+__all__ = ["REPORT_NAME", "MANIFEST", "PARTIAL_MARKER", "WRITTEN_BY", "GGUF_MARK_KEY", "is_sdmprune_gguf", "check_output_dir", "check_output_file",
            "atomic_output_dir", "atomic_write_file", "write_json_atomic", "is_package_output", "WorkDir",
            "remove_stale_partials"]
 
@@ -48,6 +48,7 @@ REPORT_NAME = "sdmprune.json"  # the report inside every output folder
 MANIFEST = ".sdmprune-files"  # JSON list of the files an output folder holds, written last
 PARTIAL_MARKER = ".sdmprune-partial"  # inside a temporary folder: {"pid", "host"} of the writing process
 WRITTEN_BY = "written_by"  # key (JSON) or metadata field (safetensors) marking a file of the package
+GGUF_MARK_KEY = f"sdmprune.{WRITTEN_BY}"  # the same mark as a GGUF metadata key
 
 PathLike = Union[str, os.PathLike]
 
@@ -157,12 +158,20 @@ def check_output_dir(out: PathLike, overwrite: bool = False, *, flag: str = "--o
     return path
 
 
+def is_sdmprune_gguf(path: PathLike) -> bool:
+    """True when ``path`` is a readable GGUF file carrying the package's mark (``GGUF_MARK_KEY``)."""
+    try:
+        import gguf  # the optional sdmprune[gguf]: without it no GGUF of the package's was written here
+
+        return GGUF_MARK_KEY in gguf.GGUFReader(os.fspath(path)).fields
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def _package_mark(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
             if fh.read(4) == b"GGUF":
-                from .gguf_export import is_sdmprune_gguf
-
                 return is_sdmprune_gguf(path)
         if path.suffix == ".safetensors":
             from safetensors import safe_open

@@ -7,9 +7,9 @@ from typing import Dict
 
 import torch
 
-from . import distributed as dist
-from .methods import ScoringRun
-from .models import find_gated_mlps, get_adapter
+from ..scale import distributed as dist
+from .selection import ScoringRun
+from ..models import find_gated_mlps, get_adapter
 from .passes import progress_bar, seconds_since, tick, tokens_to
 
 

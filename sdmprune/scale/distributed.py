@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _initialized() -> bool:

@@ -1,6 +1,6 @@
 """One run state for every resumable command (``prune``, ``finetune``): fingerprint, checkpoint, RNG.
 
-A checkpoint is kept in a work folder (``sdmprune.paths.WorkDir``) and written atomically. It carries
+A checkpoint is kept in a work folder (``sdmprune.storage.paths.WorkDir``) and written atomically. It carries
 the run's fingerprint: every setting that decides the result, the model's identity (a digest of its
 weights), its dtype and device kind, and a digest of the data. ``RunState.load`` refuses a checkpoint
 whose fingerprint differs, with one line naming what differs, so a resumed run never mixes two
@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .paths import WorkDir, atomic_write_file
 
 __all__ = ["RunState", "rng_state", "set_rng_state", "tensor_digest", "weights_digest"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ else:  # pragma: no cover - the PyTorch path covers every call
     triton = None
     tl = None
 
-__all__ = ["RMS_NORM_MODES", "patch_rms_norms", "rms_norm", "rms_norm_reference"]
+__all__ = ["RMS_NORM_MODES", "patch_rms_norms", "rms_norm", "rms_norm_reference", "rms_norm_status"]
 
 RMS_NORM_MODES = ("llama", "gemma")
 
@@ -267,24 +267,43 @@ def _probe_mode(module: nn.Module, eps: float) -> Optional[str]:
     return None
 
 
-def find_rms_norms(model: nn.Module) -> List[Tuple[nn.Module, str, float]]:
+def rms_norm_status(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, float]], Dict[str, str]]:
     """(module, mode, eps) for every submodule named like an RMSNorm, with a [D] weight and an eps,
-    whose output one of the modes reproduces. Anything else (a norm without weight, a variant such
-    as a scaled or offset norm of another form) is not listed and keeps its own forward."""
-    found, seen = [], {}
+    whose output one of the modes reproduces; and, for each norm class left alone, why. Anything else
+    (a norm without weight, a variant such as a scaled or offset norm of another form, a module that
+    ``kernels.kernelize`` gave a forward of its own) keeps its own forward."""
+    found, seen, left = [], {}, {}
     for mod in model.modules():
-        if not type(mod).__name__.endswith("RMSNorm") or "forward" in mod.__dict__:
+        cls = type(mod).__name__
+        if not cls.endswith("RMSNorm"):
+            continue
+        if "forward" in mod.__dict__:
+            left[cls] = "has a forward of its own (e.g. kernels.kernelize): kept"
             continue
         w = getattr(mod, "weight", None)
         eps = _norm_eps(mod)
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or eps is None or w.device.type == "meta":
+        if not isinstance(w, torch.Tensor) or w.dim() != 1:
+            left[cls] = "no [D] weight"
+            continue
+        if eps is None:
+            left[cls] = "no eps attribute (variance_epsilon or eps)"
+            continue
+        if w.device.type == "meta":
+            left[cls] = "weights on the meta device"
             continue
         key = (type(mod), w.dtype, w.device, eps)
         if key not in seen:  # one probe per class, dtype, device and eps (modules of a class agree)
             seen[key] = _probe_mode(mod, eps)
         if seen[key] is not None:
             found.append((mod, seen[key], eps))
-    return found
+        else:
+            left[cls] = f"output is none of the forms {', '.join(RMS_NORM_MODES)} (probe differs)"
+    return found, left
+
+
+def find_rms_norms(model: nn.Module) -> List[Tuple[nn.Module, str, float]]:
+    """(module, mode, eps) for every RMSNorm that ``rms_norm`` reproduces (``rms_norm_status``)."""
+    return rms_norm_status(model)[0]
 
 
 def _forward_for(mode: str, eps: float, backend: str):

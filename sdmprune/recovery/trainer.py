@@ -10,8 +10,8 @@ counts (target -100, kl_mask False). AdamW with cosine decay to 0 and no warm-up
 no weight decay.
 
 The data order is a pure function of (seed, epoch), so the step number is the whole data cursor. With a
-work folder (``sdmprune.paths.WorkDir``) the trainer checkpoints every ``cfg.save_every`` steps and
-when interrupted (sdmprune.run_state: trainable weights, optimizer, scheduler, step, RNG), and a resume
+work folder (``sdmprune.storage.paths.WorkDir``) the trainer checkpoints every ``cfg.save_every`` steps and
+when interrupted (sdmprune.storage.run_state: trainable weights, optimizer, scheduler, step, RNG), and a resume
 refuses a checkpoint of other options, data, weights, dtype or device kind.
 
 Teachers (``teacher_fn(input_ids, position_ids) -> (h_t, W_t or None)`` under no_grad):
@@ -28,10 +28,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .errors import InputError
-from .models import find_layer_ops, fused_layer_ops, get_adapter
-from .paths import WorkDir
-from .run_state import RunState, weights_digest
+from ..errors import InputError
+from ..models import find_layer_ops, fused_layer_ops, get_adapter
+from ..storage.paths import WorkDir
+from ..storage.run_state import RunState, weights_digest
 from .sft_data import IGNORE_INDEX, Rows
 
 # Backend of the fused loss ("auto": Triton on CUDA, PyTorch on CPU unless TRITON_INTERPRET=1).
@@ -45,7 +45,7 @@ class Interrupted(RuntimeError):
 
 
 def _fused_loss():
-    from .kernels.fused_linear_distill_loss import fused_linear_distill_loss
+    from ..kernels.fused_linear_distill_loss import fused_linear_distill_loss
 
     return fused_linear_distill_loss
 
@@ -225,7 +225,7 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True,
                    disable=not cfg.progress, file=sys.stderr)
-        from .activation_offload import maybe_offload_checkpoint_inputs
+        from ..scale.activation_offload import maybe_offload_checkpoint_inputs
 
         try:
             with maybe_offload_checkpoint_inputs(self.model, cfg.offload_activations) as off:
@@ -263,7 +263,7 @@ class Trainer:
                "seconds": round(self.elapsed, 3),
                "tokens_per_s": round(self.tokens / self.elapsed, 2) if self.elapsed else None,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "losses": self.history}
+               "losses": self.history, "layer_ops": self.layer_ops.report()}
         if self.activation_offload is not None:
             out["activation_offload"] = dict(self.activation_offload)
         if self.device.type == "cuda":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List
 
-from .errors import InputError
+from ..errors import InputError, require_extra
 
 LORA_TARGETS = {
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -28,6 +28,7 @@ def lora_targets(spec: str) -> List[str]:
 def apply_lora(model, cfg):
     """Inject LoRA adapters (``cfg``: lora_r, lora_alpha, lora_dropout, targets) into ``model``; returns the
     peft model around it."""
+    require_extra("peft", "LoRA adapters")
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(cfg.targets)

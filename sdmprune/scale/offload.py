@@ -36,8 +36,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .errors import InputError
-from .models import get_adapter
+from ..errors import InputError
+from ..models import get_adapter
 
 OFFLOAD_TARGETS = ("cpu",)
 

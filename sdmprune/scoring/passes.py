@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import distributed as dist
+from ..scale import distributed as dist
 
 
 def causal_labels(x: torch.Tensor) -> torch.Tensor:

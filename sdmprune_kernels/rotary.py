@@ -38,7 +38,7 @@ else:  # pragma: no cover - the PyTorch path covers every call
     triton = None
     tl = None
 
-__all__ = ["apply_rotary", "find_rotary", "patch_rotary", "rotary_reference"]
+__all__ = ["apply_rotary", "find_rotary", "patch_rotary", "rotary_reference", "rotary_status"]
 
 # Tests set this to True: outputs the kernel must fully overwrite are filled with NaN first.
 POISON_OUTPUTS = False
@@ -166,52 +166,98 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 _EXPECTED_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
 
 
+def _first_attention(model: nn.Module):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return getattr(layers[0], "self_attn", None) if layers is not None and len(layers) else None
+
+
+def _hub_kernel_function(fn) -> bool:
+    """Whether ``fn`` is a function that Hugging Face's ``kernels`` package turned into a module
+    (``@use_kernel_forward_from_hub`` on a function, transformers >= 5.25): callable like the function,
+    but its signature is ``(*args, **kwargs)``."""
+    return isinstance(fn, nn.Module) and isinstance(getattr(type(fn), "kernel_layer_name", None), str)
+
+
+def _kernelized_by_user(attn: nn.Module, fn) -> bool:
+    """Whether ``kernels.kernelize`` gave this attention module its own rotary kernel (the per-model
+    wrapper of ``@use_kernelized_func`` then has a forward of its own): that choice is the user's."""
+    wrappers = getattr(attn, "__dict__", {}).get("_kernel_funcs")
+    if not isinstance(wrappers, dict):
+        return False
+    return any(isinstance(w, nn.Module) and "forward" in w.__dict__ for w in wrappers.values())
+
+
 def _attention_module(model: nn.Module):
     """The python module defining the model's attention class, when it has an apply_rotary_pos_emb
-    of transformers' signature; else None."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    attn = getattr(layers[0], "self_attn", None) if layers is not None and len(layers) else None
-    if attn is None:
-        return None
-    mod = sys.modules.get(type(attn).__module__)
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None or not callable(fn):
-        return None
-    try:
-        if list(inspect.signature(fn).parameters) != _EXPECTED_PARAMS:
-            return None
-    except (TypeError, ValueError):
-        return None
-    return mod
+    of transformers' signature (or a hub-kernel wrapper of one); else None."""
+    return rotary_status(model, probe=False)[0]
 
 
 def _probe(fn, head_dim: int, device, dtype) -> bool:
-    """Whether ``fn`` computes the rotate-half rotary (checked against ``rotary_reference``)."""
+    """Whether ``fn`` computes the rotate-half rotary (checked against ``rotary_reference``), called as
+    the attention calls it (q, k, cos, sin) and with ``unsqueeze_dim=2`` on [B, L, H, D] inputs."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     q, k, cos, sin = r(2, 3, 5, head_dim), r(2, 1, 5, head_dim), r(1, 5, head_dim), r(1, 5, head_dim)
+    tol = dict(rtol=2e-2, atol=2e-2)
+    want_q, want_k = rotary_reference(q, cos, sin).float(), rotary_reference(k, cos, sin).float()
     try:
         with torch.no_grad():
             qe, ke = fn(q, k, cos, sin)
+            qt, kt = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)
     except Exception:  # noqa: BLE001 - a function the probe cannot call is simply not swapped
         return False
-    tol = dict(rtol=2e-2, atol=2e-2)
-    return (qe.shape == q.shape and ke.shape == k.shape
-            and torch.allclose(qe.float(), rotary_reference(q, cos, sin).float(), **tol)
-            and torch.allclose(ke.float(), rotary_reference(k, cos, sin).float(), **tol))
+    return (qe.shape == q.shape and ke.shape == k.shape and qt.shape == q.transpose(1, 2).shape
+            and torch.allclose(qe.float(), want_q, **tol) and torch.allclose(ke.float(), want_k, **tol)
+            and torch.allclose(qt.transpose(1, 2).float(), want_q, **tol)
+            and torch.allclose(kt.transpose(1, 2).float(), want_k, **tol))
+
+
+def rotary_status(model: nn.Module, probe: bool = True) -> Tuple[object, str]:
+    """(the python module whose ``apply_rotary_pos_emb`` ``patch_rotary`` would replace, or None; why).
+
+    The attention forward calls its module's global ``apply_rotary_pos_emb`` by name, so replacing
+    that global is what reaches it, whether it is a plain function of transformers' signature or a
+    hub-kernel wrapper of one. It is left alone when the attention lies elsewhere, the function has
+    another signature, ``kernels.kernelize`` gave the model a rotary kernel, or (``probe``) its output
+    on random inputs differs from the rotate-half rotary (partial, interleaved or scaled forms)."""
+    attn = _first_attention(model)
+    if attn is None:
+        return None, "no model.layers[0].self_attn"
+    name = type(attn).__module__
+    mod = sys.modules.get(name)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None or not callable(fn):
+        return None, f"{name} defines no apply_rotary_pos_emb"
+    wrapped = _hub_kernel_function(fn)
+    if not wrapped:
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            params = None
+        if params != _EXPECTED_PARAMS:
+            return None, f"{name}.apply_rotary_pos_emb takes {params}, not {_EXPECTED_PARAMS}"
+    if _kernelized_by_user(attn, fn):
+        return None, "kernels.kernelize gave the attention a rotary kernel of its own (kept)"
+    how = " (through its hub-kernel wrapper)" if wrapped else ""
+    if not probe:
+        return mod, f"{name}.apply_rotary_pos_emb{how}"
+    head_dim = getattr(attn, "head_dim", None)
+    p = next(model.parameters(), None)
+    if not (isinstance(head_dim, int) and head_dim % 2 == 0):
+        return None, f"head_dim {head_dim!r} is not an even integer"
+    if p is None or p.device.type == "meta":
+        return None, "the model has no materialized weights to probe with"
+    if not _probe(fn, head_dim, p.device, p.dtype):
+        return None, f"{name}.apply_rotary_pos_emb is not the rotate-half rotary (probe differs)"
+    return mod, f"replaces {name}.apply_rotary_pos_emb{how}"
 
 
 def find_rotary(model: nn.Module):
     """The python module whose ``apply_rotary_pos_emb`` the model's attention calls, when that
-    function has transformers' signature and a probe shows it is the rotate-half rotary; else None."""
-    mod = _attention_module(model)
-    if mod is None:
-        return None
-    head_dim = getattr(model.model.layers[0].self_attn, "head_dim", None)
-    p = next(model.parameters(), None)
-    if not (isinstance(head_dim, int) and head_dim % 2 == 0 and p is not None and p.device.type != "meta"):
-        return None
-    return mod if _probe(mod.apply_rotary_pos_emb, head_dim, p.device, p.dtype) else None
+    function has transformers' signature and a probe shows it is the rotate-half rotary; else None
+    (``rotary_status`` says why)."""
+    return rotary_status(model)[0]
 
 
 _FIND = object()

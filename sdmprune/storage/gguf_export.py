@@ -5,7 +5,7 @@ sliced) and writes a copy in which every MLP keeps only the channels ``keep[laye
 
 * metadata: every key/value field of the input is copied with its own type (the tokenizer lives
   there), ``{arch}.feed_forward_length`` is set to the pruned width, and ``sdmprune.written_by`` marks
-  the file as the package's output (the ownership rule of ``sdmprune.paths``);
+  the file as the package's output (the ownership rule of ``sdmprune.storage.paths``);
 * ``blk.{i}.ffn_gate.weight`` / ``ffn_up.weight``: GGUF stores a matrix as rows of ``ne0`` contiguous
   elements, quantized row by row. These two have one row per channel (numpy shape ``[I, d]``, the
   same as Hugging Face's ``gate_proj.weight``), so the kept rows are copied byte for byte in their own
@@ -25,7 +25,7 @@ row fall into new blocks with new scales); F16 adds only F16 rounding of the deq
 second rounding is about 16x finer than Q4_1's). Widths must be uniform: transformers reads one
 ``intermediate_size``.
 
-The file is written beside ``out`` and renamed into place (``sdmprune.paths.atomic_write_file``) after
+The file is written beside ``out`` and renamed into place (``sdmprune.storage.paths.atomic_write_file``) after
 ``check_output_file(out, overwrite, flag="--gguf")``: an existing file is replaced only when it is an
 earlier output of the package and ``overwrite`` is set.
 """
@@ -39,34 +39,24 @@ from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from . import __version__
-from .errors import InputError
-from .paths import WRITTEN_BY, atomic_write_file, check_output_file
+from .. import __version__
+from ..errors import InputError, require_extra
+from .paths import GGUF_MARK_KEY, atomic_write_file, check_output_file
 
-__all__ = ["write_pruned_gguf", "is_sdmprune_gguf", "MARK_KEY"]
+__all__ = ["write_pruned_gguf", "MARK_KEY"]
 
 PathLike = Union[str, os.PathLike]
 
-MARK_KEY = f"sdmprune.{WRITTEN_BY}"  # GGUF metadata key that marks a file written by this package
+MARK_KEY = GGUF_MARK_KEY  # GGUF metadata key that marks a file written by this package (the ownership rule's)
 FALLBACK_TYPE_NAME = "F16"
 _MLP = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)$")
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:  # an optional dependency (sdmprune[gguf])
-        raise InputError("writing a GGUF file needs the 'gguf' package: pip install sdmprune[gguf]") from None
+    require_extra("gguf", "writing a GGUF file (--gguf)")
+    import gguf
+
     return gguf
-
-
-def is_sdmprune_gguf(path: PathLike) -> bool:
-    """True when ``path`` is a readable GGUF file carrying the package's mark (``MARK_KEY``)."""
-    try:
-        gguf = _gguf()
-        return MARK_KEY in gguf.GGUFReader(os.fspath(path)).fields
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
 
 
 def _field_value(field, gguf):
@@ -153,7 +143,7 @@ def _type_named(name: Optional[str], gguf):
 def _plan(reader, keep: Mapping[int, object], gguf):
     """Check the input and ``keep`` before anything is written; returns (architecture, the
     feed_forward_length key, {tensor name: (channel axis, kept channels)}, width before, width after)."""
-    from .slicing import normalize_keep
+    from ..slicing import normalize_keep
 
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .errors import InputError
-from .models import ChannelMasks, GatedMLP, find_gated_mlps
+from ..errors import InputError
+from ..models import ChannelMasks, GatedMLP, find_gated_mlps
 
 
 
@@ -110,7 +110,7 @@ class TaylorImportance:
             raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         if freeze not in ("all", "mlp"):
             raise InputError(f"freeze must be 'all' or 'mlp', got {freeze!r}")
-        from .kernels.gated_mlp import IMPORTANCE_KINDS  # lazily: importing sdmprune does not load Triton
+        from ..kernels.gated_mlp import IMPORTANCE_KINDS  # lazily: importing sdmprune does not load Triton
 
         if kind not in IMPORTANCE_KINDS:
             raise InputError(f"kind must be one of {IMPORTANCE_KINDS}, got {kind!r}")
@@ -171,7 +171,7 @@ class TaylorImportance:
             self._enabled_input_grads = True
 
     def _patch(self, layer: _Layer) -> None:
-        from .kernels.gated_mlp import gated_mlp_with_importance
+        from ..kernels.gated_mlp import gated_mlp_with_importance
 
         module = layer.mlp.module
         # accelerate's hooks replace forward by a wrapper that calls _old_forward around the weight copy-in

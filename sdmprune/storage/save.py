@@ -4,7 +4,7 @@
 when everything is written: the safetensors weights and ``config.json`` (``save_pretrained``), the
 tokenizer files (when given) and ``sdmprune.json`` (the pruning report). An exception at any point
 leaves no ``out_dir`` (and an existing one untouched); an existing ``out_dir`` is replaced only when it
-is an earlier output of the package (``sdmprune.paths``, the ownership rule).
+is an earlier output of the package (``sdmprune.storage.paths``, the ownership rule).
 
 Uniform widths load with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``. Non-uniform widths
 (``prune_model_(..., allow_nonuniform=True)``) carry ``sdmprune_intermediate_sizes`` in config.json and
@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 from .paths import REPORT_NAME, WRITTEN_BY, atomic_output_dir, atomic_write_file, check_output_file, write_json_atomic
 
 __all__ = ["save_pruned", "load_pruned", "save_scores", "REPORT_NAME"]
@@ -33,7 +33,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dic
                 inputs: Sequence[Optional[PathLike]] = ()) -> Path:
     """Write the pruned model (safetensors + config), the tokenizer (if not None) and ``sdmprune.json``.
 
-    Atomic (see ``sdmprune.paths.atomic_output_dir``); InputError for an existing output that is not an
+    Atomic (see ``sdmprune.storage.paths.atomic_output_dir``); InputError for an existing output that is not an
     earlier output of the package, or one that is without ``overwrite``; ``inputs``: paths the output may
     not replace (the input model...). Returns the output directory.
     """
@@ -158,7 +158,7 @@ def load_pruned(path: PathLike, dtype: Optional[torch.dtype] = None, device: Uni
         kw = {"dtype": dtype} if dtype is not None else {}
         return AutoModelForCausalLM.from_pretrained(path, **kw).to(device).eval()
 
-    from .models import find_gated_mlps
+    from ..models import find_gated_mlps
 
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)

@@ -21,8 +21,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .errors import InputError
-from .models import get_adapter
+from ..errors import InputError
+from ..models import get_adapter
 
 
 def require_process_group() -> None:

@@ -14,7 +14,7 @@ Built-in entries:
 =========== =============== ========= ==========================================================
 method      calibration     gradient  what it scores
 =========== =============== ========= ==========================================================
-sdmprune    yes             yes       stage 1 CE Taylor, stage 2 self-distillation Taylor (sdmprune.taylor)
+sdmprune    yes             yes       stage 1 CE Taylor, stage 2 self-distillation Taylor (sdmprune.scoring.taylor)
 taylor      yes             yes       CE Taylor, one stage (LLM-Pruner style)
 hfprune     yes             yes       label-free: sum_t |H[t, c] * dL/dH[t, c]| at each down_proj input H,
                                       L = each sample's mean entropy of its own next-token distribution
@@ -30,50 +30,20 @@ as for a built-in method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .errors import InputError, SdmpruneError
-from .models import find_gated_mlps
+from ..errors import InputError, SdmpruneError
+from ..models import find_gated_mlps
+from .selection import ScoringRun, Selection, selection_from_scores, top_channels
 
 __all__ = ["Method", "ScoringRun", "Selection", "register_method", "unregister_method", "get_method",
            "available_methods", "top_channels", "selection_from_scores"]
 
 # engines of the gradient methods; "auto" resolves to "fused" on CUDA, else "torch"
 ENGINES = ("auto", "fused", "torch", "reference")
-
-
-@dataclass
-class Selection:
-    """What a method chose. ``keep``: {layer: sorted int64 kept channels}; ``scores``: {layer: float32 [I]}
-    the scores the final choice ranked (channels an earlier stage removed are -inf); ``stage1_*`` for
-    two-stage methods. All in the original channel numbering, on the CPU."""
-
-    keep: Dict[int, torch.Tensor]
-    scores: Dict[int, torch.Tensor]
-    stage1_keep: Optional[Dict[int, torch.Tensor]] = None
-    stage1_scores: Optional[Dict[int, torch.Tensor]] = None
-
-
-@dataclass
-class ScoringRun:
-    """Everything a method's ``select`` may use. ``engine``/``backend``: the resolved engine of a gradient
-    method ("fused"/"torch"/"reference", backend "triton"/"torch"; "none" otherwise); ``state``: the resume
-    state (sdmprune.run_state.RunState) or None; ``resume``: continue from it; ``stats``: the run's stats
-    dict, where methods record timings."""
-
-    model: torch.nn.Module
-    tokens: Optional[torch.Tensor]
-    config: Any
-    plan: Any
-    device: torch.device
-    engine: str = "none"
-    backend: str = "none"
-    state: Any = None
-    resume: bool = False
-    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,22 +108,6 @@ def get_method(name: str) -> Method:
 
 def available_methods() -> List[str]:
     return list(_REGISTRY)
-
-
-# ------------------------------------------------------------------------------------ selection
-def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores, sorted ascending (ties: the lower index wins)."""
-    s = scores.detach().float().cpu()
-    if torch.isnan(s).any():
-        raise SdmpruneError("channel scores contain NaN (the loss or the model produced non-finite values)")
-    order = torch.argsort(s, descending=True, stable=True)[:k]
-    return order.sort().values
-
-
-def selection_from_scores(scores: Dict[int, torch.Tensor], width: int) -> Selection:
-    """Keep the top ``width`` channels of every layer's scores."""
-    scores = {k: v.detach().float().cpu() for k, v in scores.items()}
-    return Selection(keep={k: top_channels(v, width) for k, v in scores.items()}, scores=scores)
 
 
 def _layer_scores(name: str, model, scores: Any) -> Dict[int, torch.Tensor]:
