@@ -27,6 +27,7 @@ _LAZY = {
     "PruneConfig": "sdmprune.pipeline",
     "PruneResult": "sdmprune.pipeline",
     "prune_model": "sdmprune.pipeline",
+    "score_channels": "sdmprune.pipeline",
     # model adapters
     "find_gated_mlps": "sdmprune.models",
     "GatedMLP": "sdmprune.models",

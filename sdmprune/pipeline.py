@@ -165,7 +165,7 @@ class PruneResult:
         return self.plan.width
 
 
-# ------------------------------------------------------------------------------------ the entry
+# ------------------------------------------------------------------------------------ the entries
 def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[PruneConfig] = None, *,
                 checkpoint_dir: Union[None, str, os.PathLike, WorkDir] = None, resume: bool = False, tokenizer=None,
                 on_selected: Optional[Callable] = None, **overrides) -> PruneResult:
@@ -182,6 +182,49 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     from .slicing import prune_model_
 
     cfg = configured(cfg, **overrides)
+    result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
+    stats = result.stats
+    if on_selected is not None:
+        on_selected(model, result.keep)
+    if cfg.recover_steps:  # fine-tune the masked model before slicing (one weight copy)
+        from .recovery.recover import recover_masked_
+
+        t0 = time.perf_counter()
+        stats["recover"] = recover_masked_(model, result.keep, tokenizer, cfg.recover_data, cfg.recover_steps,
+                                           cfg=cfg.recover_config)
+        stats["time_s"]["recover"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    prune_model_(model, result.keep)
+    stats["time_s"]["slice"] = time.perf_counter() - t0
+    _finish(model, stats)
+    return result
+
+
+def score_channels(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[PruneConfig] = None, *,
+                   checkpoint_dir: Union[None, str, os.PathLike, WorkDir] = None, resume: bool = False,
+                   **overrides) -> PruneResult:
+    """The channels ``prune_model`` would keep, and the scores it ranked, for any registered method --
+    without recovery or slicing: the model's weights are left as they were (``keep`` and ``scores`` in
+    the original channel numbering; ``recover_steps`` is not run). Arguments as for ``prune_model``.
+    This is the entry for another pruner (e.g. sdmprune.integrations.torch_pruning) to act on."""
+    cfg = configured(cfg, **overrides)
+    result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
+    stats = result.stats
+    _finish(model, stats)
+    return result
+
+
+def _finish(model, stats: dict) -> None:
+    stats["time_s"]["total"] = time.perf_counter() - stats.pop("_t_start")
+    stats["params_after"] = count_parameters(model)
+    if "peak_memory_bytes" not in stats:  # under shard/offload: the scoring peak, recorded by scale_out
+        stats.update(peak_memory(torch.device(stats["device"])))
+
+
+def _select(model, calib_tokens, cfg: PruneConfig, checkpoint_dir, resume: bool) -> PruneResult:
+    """Plan the width and run the method's registry entry (with the run's scale-out options and resume
+    state); the stats hold the timings so far and ``_t_start``."""
     method = get_method(cfg.method)
     if cfg.shard == "fsdp":
         from .scale.sharding import require_process_group
@@ -211,7 +254,7 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
                    "world_size": dist.world_size(), "time_s": {}, "params_before": count_parameters(model)}
     if cfg.shard or cfg.offload:
         stats["shard"], stats["offload"] = cfg.shard, cfg.offload
-    t_start = time.perf_counter()
+    stats["_t_start"] = time.perf_counter()
 
     run = ScoringRun(model=model, tokens=tokens, config=cfg, plan=plan, device=device, engine=engine,
                      backend=backend, state=state, resume=resume, stats=stats)
@@ -220,24 +263,6 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     if tokens is not None:
         stats["calibration_tokens"] = tokens.numel()
         stats["tokens_per_s"] = {st: (tokens.numel() / t if t > 0 else None) for st, t in stats["time_s"].items()}
-
-    if on_selected is not None:
-        on_selected(model, selection.keep)
-    if cfg.recover_steps:  # fine-tune the masked model before slicing (one weight copy)
-        from .recovery.recover import recover_masked_
-
-        t0 = time.perf_counter()
-        stats["recover"] = recover_masked_(model, selection.keep, tokenizer, cfg.recover_data, cfg.recover_steps,
-                                           cfg=cfg.recover_config)
-        stats["time_s"]["recover"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    prune_model_(model, selection.keep)
-    stats["time_s"]["slice"] = time.perf_counter() - t0
-    stats["time_s"]["total"] = time.perf_counter() - t_start
-    stats["params_after"] = count_parameters(model)
-    if "peak_memory_bytes" not in stats:  # under shard/offload: the scoring peak, recorded by scale_out
-        stats.update(peak_memory(device))
     return PruneResult(keep=selection.keep, scores=selection.scores, plan=plan, stage1_keep=selection.stage1_keep,
                        stage1_scores=selection.stage1_scores, stats=stats)
 

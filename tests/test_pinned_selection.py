@@ -55,6 +55,33 @@ def test_selection_is_pinned(name, family, tie, method, engine):
             assert abs(scores[c] - kth) <= 1e-4 * abs(kth), f"{name} layer {layer}: channel {c} is not a float tie"
 
 
+@pytest.mark.parametrize("name,family,tie,method,engine", [c for c in CASES if "reference" not in c[0]],
+                         ids=[c[0] for c in CASES if "reference" not in c[0]])
+def test_score_channels_chooses_the_pinned_channels_and_leaves_the_weights(name, family, tie, method, engine):
+    """score_channels keeps what prune_model keeps (the pins) and hands the model back untouched."""
+    from sdmprune.pipeline import PruneConfig, score_channels
+
+    model = tiny_model(family, seed=5, tie=tie)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(7))
+    result = score_channels(model, tokens, PruneConfig(width=96, method=method, engine=engine, stage1_keep=0.9,
+                                                       batch_size=2, seed=3, progress=False))
+    with open(PINNED) as fh:
+        pinned = json.load(fh)[name]
+    assert {str(k) for k in result.keep} == set(pinned["keep"])
+    for layer, kept in pinned["keep"].items():
+        scores = pinned["scores"][layer]
+        kth = min(scores[c] for c in kept)
+        for c in set(kept) ^ set(result.keep[int(layer)].tolist()):
+            assert abs(scores[c] - kth) <= 1e-4 * abs(kth)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert result.stats["params_after"] == result.stats["params_before"]
+    assert all(int(v.numel()) == 96 for v in result.keep.values())
+
+
 if __name__ == "__main__" and "--write" in sys.argv:
     out = {}
     for name, family, tie, method, engine in CASES:
