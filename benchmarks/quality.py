@@ -1,25 +1,35 @@
-"""Quality benchmark: every pruning method at every ratio, perplexity before and after one distilled-LoRA
-recovery budget, on two evaluation domains, over several calibration seeds.
+"""Quality benchmark: every pruning method at every ratio, with and without the refit of the kept down_proj
+columns, perplexity before and after one distilled-LoRA recovery budget, on two evaluation domains, over
+several calibration seeds.
 
     nice -n 10 python benchmarks/quality.py --threads 1        # SmolLM2-135M, CPU: the JSON records its wall time
     python benchmarks/quality.py --model DIR --samples 2 --seq-len 16 --eval-windows 2 --eval-seq-len 16 \
         --recover-steps 1 --out /tmp/q.json                    # a shrunken run that proves the pipeline
     python benchmarks/quality.py --methods sdmprune --seeds 0 --recover-alpha 0 --out /tmp/ce.json
                                                                # plain-CE recovery instead of distilled
+    python benchmarks/quality.py --methods sdmprune,hfprune,wanda-sp --ratios 0.2 --recover-steps 0 \
+        --refits none,ls,ls:0.1,ls:1 --out benchmarks/results/refit_probe.json
+                                                               # the refit variants before recovery only
 
-Per run (method x ratio x calibration seed):
+Per selection (method x ratio x calibration seed):
 
-1. prune: ``sdmprune.pipeline.prune_model`` on a copy of the unpruned model with that seed's calibration
-   windows (sdmprune alpha/T follow the paper per ratio); time and peak memory of the call;
-2. perplexity of the pruned model on both evaluation domains ("before recovery");
-3. recovery on another copy: ``sdmprune.recovery.recover.recover_masked_`` with the kept channels of step 1
-   (distilled LoRA on the masked model, teacher = the same weights unmasked, merged in place), then
-   ``sdmprune.slicing.prune_model_`` -- the two calls ``prune_model(..., recover_steps=N)`` makes, without
-   scoring again; the same steps, learning rate and token windows for every run; time and peak memory;
-4. perplexity on both domains again ("after recovery").
+1. select: ``sdmprune.pipeline.score_channels`` on a copy of the unpruned model with that seed's calibration
+   windows (sdmprune alpha/T follow the paper per ratio); time and peak memory of the call. The refit
+   comes after selection, so every ``--refits`` variant below reuses this one selection;
+2. per refit variant (``none``; ``ls``: strength chosen per layer on held-out calibration windows; ``ls:S``:
+   the fixed strength S for every layer, one strength per run), on a fresh copy:
+   ``sdmprune.compensation.refit_down_proj_`` with the same calibration windows (skipped for ``none``),
+   then ``sdmprune.slicing.prune_model_`` -- what ``prune_model(..., refit=...)`` runs after selection;
+   perplexity on both evaluation domains ("before recovery");
+3. recovery (``--recover-steps`` > 0) on a copy of the refit, still masked model:
+   ``sdmprune.recovery.recover.recover_masked_`` with the kept channels (distilled LoRA on the masked model,
+   teacher = the unpruned weights, merged in place), then ``prune_model_`` -- the calls
+   ``prune_model(..., recover_steps=N)`` makes, without scoring again; the same steps, learning rate and
+   token windows for every run; time and peak memory; perplexity on both domains again ("after recovery").
 
 Calibration: ``--samples`` random windows of ``--seq-len`` tokens of WikiText-2 validation
-(../shared/data/wikitext-2/valid.txt, the tokenized form with <unk>), drawn with each of ``--seeds``.
+(../shared/data/wikitext-2/valid.txt, the tokenized form with <unk>), drawn with each of ``--seeds``;
+``--calib self`` samples them from the unpruned model instead (domain-neutral; seeded the same way).
 The methods in ``--seeded-methods`` run with every seed; the others (magnitude and random read no
 calibration text) with the first seed only. Evaluation domains, ``--eval-windows`` windows of
 ``--eval-seq-len`` tokens evenly spaced over each whole text:
@@ -83,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     p.add_argument("--seeded-methods", default="sdmprune,hfprune,taylor,wanda-sp",
                    help="methods repeated over every seed (the others run with the first seed only)")
+    p.add_argument("--refits", default="none,ls",
+                   help="refit variants per selection: none, ls (strength chosen per layer), ls:S (fixed S)")
     p.add_argument("--calib", default=CALIB_TEXT)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
@@ -93,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-windows", type=int, default=8, help="windows per domain, evenly spaced")
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--eval-batch-size", type=int, default=4)
-    p.add_argument("--recover-steps", type=int, default=4)
+    p.add_argument("--recover-steps", type=int, default=4, help="0: no recovery (before-recovery columns only)")
     p.add_argument("--recover-batch", type=int, default=2, help="windows per optimizer step")
     p.add_argument("--recover-seq-len", type=int, default=128)
     # above the recipe's 1e-4: four cosine-decayed steps from a zero-initialized LoRA move little at 1e-4
@@ -122,7 +134,17 @@ def rel_path(path) -> str:
 
 
 def data_name(path) -> str:
+    if str(path) == "self":
+        return "text sampled from the unpruned model (multinomial, T=1, BOS start)"
     return DATA_NAMES.get(os.path.abspath(str(path)), f"the file {rel_path(path)}")
+
+
+def refit_strength(variant: str):
+    """(refit, fixed strength or None) of a ``--refits`` variant: none, ls, ls:S."""
+    name, _, strength = variant.partition(":")
+    if name not in ("none", "ls") or (name == "none" and strength):
+        raise SystemExit(f"unknown refit variant {variant!r} (none, ls, ls:S)")
+    return name, (float(strength) if strength else None)
 
 
 def device_name(dev: torch.device) -> str:
@@ -259,11 +281,15 @@ def perplexities(model, streams, args) -> dict:
 
 # ------------------------------------------------------------------------------------ summary
 def summarize(runs: list) -> list:
-    """Per (ratio, method), over its seeds: mean, std (sample, n - 1), min and max of every domain's
-    perplexity before and after recovery, of the prune and recovery times, and the largest peak memory."""
+    """Per (ratio, method, refit variant), over its seeds: mean, std (sample, n - 1), min and max of every
+    domain's perplexity before and after recovery (when recovery ran), of the prune, refit and recovery
+    times, the largest peak memory, and for a refit the mean held-out loss before/after and the strengths
+    chosen; ``vs_none``: per domain and phase, the mean over seeds of the perplexity ratio to the same
+    selection without refit."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["ratio"], r["method"]), []).append(r)
+        groups.setdefault((r["ratio"], r["method"], r.get("refit", "none")), []).append(r)
+    none = {(r["ratio"], r["method"], r["seed"]): r for r in runs if r.get("refit", "none") == "none"}
 
     def stats(values):
         values = [float(v) for v in values]
@@ -273,18 +299,30 @@ def summarize(runs: list) -> list:
         return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
 
     out = []
-    for (ratio, method), rs in groups.items():
-        row = {"ratio": ratio, "method": method, "seeds": [r["seed"] for r in rs], "width": rs[0]["width"],
-               "params_after": rs[0]["params_after"], "removed": rs[0]["removed"]}
-        for phase in PHASES:
+    for (ratio, method, refit), rs in groups.items():
+        row = {"ratio": ratio, "method": method, "refit": refit, "seeds": [r["seed"] for r in rs],
+               "width": rs[0]["width"], "params_after": rs[0]["params_after"], "removed": rs[0]["removed"]}
+        phases = [p for p in PHASES if all(r.get(p) for r in rs)]
+        for phase in phases:
             row[phase] = {d: stats([r[phase][d]["perplexity"] for r in rs]) for d in DOMAINS}
         row["prune_time_s"] = stats([r["prune"]["time_s"] for r in rs])
-        for step in ("prune", "recovery"):
+        steps = ["prune"] + (["recovery"] if "after" in phases else [])
+        for step in steps:
             if step == "recovery":
                 row["recovery_time_s"] = stats([r["recovery"]["time_s"] for r in rs])
             row[f"{step}_peak_memory_bytes"] = max(r[step]["peak_memory_bytes"] for r in rs)
             above = [peak_above_start(r[step]) for r in rs]
             row[f"{step}_peak_above_start_bytes"] = None if None in above else max(above)
+        if refit != "none":
+            info = [r["refit_report"] for r in rs]
+            row["refit_time_s"] = stats([i["time_s"] for i in info])
+            row["held_out_loss"] = {k: stats([i["held_out_loss"][k] for i in info]) for k in ("before", "after")}
+            chosen = [s for i in info for s in i["strengths"].values()]
+            row["strengths_chosen"] = {s: chosen.count(s) for s in sorted(set(chosen), key=float)}
+            pairs = [(r, none.get((ratio, method, r["seed"]))) for r in rs]
+            if all(n is not None for _, n in pairs):
+                row["vs_none"] = {phase: {d: stats([r[phase][d]["perplexity"] / n[phase][d]["perplexity"]
+                                                    for r, n in pairs]) for d in DOMAINS} for phase in phases}
         out.append(row)
     return out
 
@@ -304,7 +342,8 @@ def main(argv=None) -> int:
     from sdmprune.loading import load_model, resolve_device
     from sdmprune.models import count_parameters
     from sdmprune.storage.paths import atomic_write_file, write_json_atomic
-    from sdmprune.pipeline import PruneConfig, prune_model
+    from sdmprune.compensation import kept_columns, refit_down_proj_
+    from sdmprune.pipeline import PruneConfig, score_channels
     from sdmprune.recovery.recover import FinetuneConfig, recover_masked_
     from sdmprune.storage.save import package_versions
     from sdmprune.slicing import prune_model_
@@ -316,16 +355,19 @@ def main(argv=None) -> int:
     dev = resolve_device(args.device)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev.type == "cuda" else "fp32")
     methods, seeds, seeded = csv(args.methods), [int(s) for s in csv(args.seeds)], set(csv(args.seeded_methods))
+    refits = csv(args.refits)
+    for variant in refits:
+        refit_strength(variant)
     ratios = [float(r) for r in csv(args.ratios)]
     calib_spec = resolve_source(args.calib, "calibration")
     base, tok = load_model(args.model, dtype=dtype, device=str(dev), need_tokenizer=True)
     calib, calib_desc = {}, None
     for s in seeds:
-        calib[s], calib_desc = calibration_windows(calib_spec, tok, args.samples, args.seq_len, seed=s)
+        calib[s], calib_desc = calibration_windows(calib_spec, tok, args.samples, args.seq_len, seed=s, model=base)
     streams, eval_desc = evaluation_streams(args, tok)
     n_rec = args.recover_steps * args.recover_batch
-    rec_tokens, rec_desc = calibration_windows(args.recover_data, tok, n_rec, args.recover_seq_len,
-                                               seed=args.recover_seed)
+    rec_tokens, rec_desc = (calibration_windows(args.recover_data, tok, n_rec, args.recover_seq_len,
+                                                seed=args.recover_seed) if n_rec else (None, {}))
     rec_cfg = FinetuneConfig(lr=args.recover_lr, alpha=args.recover_alpha, temperature=args.recover_temperature,
                              batch_size=args.recover_batch, grad_accum=1, seq_len=args.recover_seq_len, seed=0,
                              progress=False)
@@ -344,9 +386,15 @@ def main(argv=None) -> int:
                         "seeded_methods": [m for m in methods if m in seeded],
                         "first_seed_only": [m for m in methods if m not in seeded],
                         "scoring_batch_size": args.batch_size, "engine": args.engine},
+        "refits": refits,
+        "refit": {"how": "sdmprune.compensation.refit_down_proj_ on the masked unpruned weights with the same "
+                         "calibration windows (the last quarter held out to choose the strength), then sliced",
+                  "variants": {"none": "the kept weights, sliced", "ls": "strength chosen per layer on the "
+                               "held-out windows", "ls:S": "fixed strength S for every layer"}},
         "evaluation": {"windows": args.eval_windows, "seq_len": args.eval_seq_len,
                        "selection": "windows evenly spaced over the whole text", "domains": eval_desc},
-        "recovery": {"how": "recover_masked_ on the masked unpruned weights (one copy), LoRA merged, then sliced",
+        "recovery": {"how": "recover_masked_ on the masked (refit) weights (one copy; the teacher is the unpruned "
+                            "model), LoRA merged, then sliced",
                      "steps": args.recover_steps, "sequences_per_step": args.recover_batch,
                      "seq_len": args.recover_seq_len, "tokens": n_rec * args.recover_seq_len, "lr": args.recover_lr,
                      "schedule": "AdamW, cosine decay to 0, no warm-up", "weight_decay": rec_cfg.weight_decay,
@@ -356,7 +404,7 @@ def main(argv=None) -> int:
                      else "plain CE", "alpha": args.recover_alpha, "temperature": args.recover_temperature,
                      "data": {"source": rel_path(args.recover_data), "name": data_name(args.recover_data),
                               "windows": n_rec, "seed": args.recover_seed, "mode": rec_desc.get("mode")}},
-        "planned_runs": len(plan), "runs": [], "summary": [],
+        "planned_runs": len(plan) * len(refits), "runs": [], "summary": [],
     }
     t0 = time.perf_counter()
     res["base"] = {"params": count_parameters(base), "perplexity": perplexities(base, streams, args),
@@ -364,7 +412,7 @@ def main(argv=None) -> int:
 
     def write():
         res["summary"] = summarize(res["runs"])
-        res["complete"] = len(res["runs"]) == len(plan)
+        res["complete"] = len(res["runs"]) == res["planned_runs"]
         res["wall_s"] = time.perf_counter() - t_all
         res["load_average_now"] = list(os.getloadavg())
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -382,35 +430,57 @@ def main(argv=None) -> int:
         model = copy.deepcopy(base)
         mem = peak_start(dev)
         t0 = time.perf_counter()
-        r = prune_model(model, calib[seed], cfg)
+        r = score_channels(model, calib[seed], cfg)  # the weights stay as they were: one selection for every variant
         prune = {"time_s": time.perf_counter() - t0, "stage_time_s": r.stats["time_s"], "engine": r.stats["engine"],
                  **peak_end(dev, mem)}
-        before = perplexities(model, streams, args)
         alive = weakref.ref(next(model.parameters()))
         del model
         collect_if_alive(alive)
-        model = copy.deepcopy(base)  # the same two calls prune_model(..., recover_steps=N) makes
-        mem = peak_start(dev)
-        t0 = time.perf_counter()
-        rec = recover_masked_(model, r.keep, tok, rec_tokens, args.recover_steps, cfg=rec_cfg)
-        prune_model_(model, r.keep)
-        recovery = {"time_s": time.perf_counter() - t0, **peak_end(dev, mem),
-                    **{k: rec.get(k) for k in ("steps", "tokens", "first_loss", "last_loss")}}
-        after = perplexities(model, streams, args)
-        alive = weakref.ref(next(model.parameters()))
-        del model
-        collect_if_alive(alive)
-        st = r.stats
-        res["runs"].append({"seed": seed, "ratio": ratio, "method": method, "width": r.width,
-                            "alpha": alpha if method == "sdmprune" else None,
-                            "temperature": T if method == "sdmprune" else None,
-                            "params_after": st["params_after"], "removed": 1 - st["params_after"] / st["params_before"],
-                            "prune": prune, "before": before, "recovery": recovery, "after": after})
-        write()
-        print(f"[{i + 1}/{len(plan)}] seed {seed} {ratio:.0%} {method:9s} width {r.width} "
-              + " ".join(f"{d} {before[d]['perplexity']:.2f}->{after[d]['perplexity']:.2f}" for d in DOMAINS)
-              + f" (prune {prune['time_s']:.0f}s, recovery {recovery['time_s']:.0f}s, "
-              f"{time.perf_counter() - t_all:.0f}s so far)", file=sys.stderr)
+        for variant in refits:
+            refit, strength = refit_strength(variant)
+            model = copy.deepcopy(base)
+            refit_report = unrefit = None
+            if refit == "ls":
+                unrefit = kept_columns(model, r.keep) if args.recover_steps else None
+                rep = refit_down_proj_(model, calib[seed], r.keep, batch_size=args.batch_size, strength=strength,
+                                       progress=False)
+                refit_report = {"time_s": rep["time_s"], "held_out_loss": rep["held_out_loss"],
+                                "strengths": {k: v["strength"] for k, v in rep["layers"].items()},
+                                "layers": rep["layers"]}
+            masked = copy.deepcopy(model) if args.recover_steps else None  # refit, still whole: recovery's start
+            prune_model_(model, r.keep)
+            params_after = count_parameters(model)
+            before = perplexities(model, streams, args)
+            alive = weakref.ref(next(model.parameters()))
+            del model
+            collect_if_alive(alive)
+            recovery = after = None
+            if masked is not None:  # the same two calls prune_model(..., recover_steps=N) makes
+                mem = peak_start(dev)
+                t0 = time.perf_counter()
+                rec = recover_masked_(masked, r.keep, tok, rec_tokens, args.recover_steps, cfg=rec_cfg,
+                                      unrefit_columns=unrefit)
+                prune_model_(masked, r.keep)
+                recovery = {"time_s": time.perf_counter() - t0, **peak_end(dev, mem),
+                            **{k: rec.get(k) for k in ("steps", "tokens", "first_loss", "last_loss")}}
+                after = perplexities(masked, streams, args)
+                alive = weakref.ref(next(masked.parameters()))
+                del masked
+                collect_if_alive(alive)
+            res["runs"].append({"seed": seed, "ratio": ratio, "method": method, "refit": variant, "width": r.width,
+                                "alpha": alpha if method == "sdmprune" else None,
+                                "temperature": T if method == "sdmprune" else None,
+                                "params_after": params_after, "removed": 1 - params_after / r.stats["params_before"],
+                                "prune": prune, "refit_report": refit_report, "before": before,
+                                "recovery": recovery, "after": after})
+            write()
+            print(f"[{len(res['runs'])}/{res['planned_runs']}] seed {seed} {ratio:.0%} {method:9s} refit {variant:7s} "
+                  f"width {r.width} " + " ".join(
+                      f"{d} {before[d]['perplexity']:.2f}" + (f"->{after[d]['perplexity']:.2f}" if after else "")
+                      for d in DOMAINS)
+                  + (f" (held-out loss {refit_report['held_out_loss']['before']:.4f}->"
+                     f"{refit_report['held_out_loss']['after']:.4f}, {refit_report['time_s']:.0f}s)" if refit_report else "")
+                  + f" (prune {prune['time_s']:.0f}s, {time.perf_counter() - t_all:.0f}s so far)", file=sys.stderr)
     print(quality_markdown(res, source=os.path.basename(args.out)))
     return 0
 

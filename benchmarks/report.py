@@ -3,6 +3,7 @@
 Results are kept as data; these pages are generated from them, never edited by hand.
   python benchmarks/report.py                  # every results/*.json as markdown, to stdout
   python benchmarks/report.py --readme         # rewrite the block between the results markers in README.md
+  python benchmarks/report.py --plot           # redraw results/refit.png from results/refit.json (matplotlib)
 Each JSON file is a dict; scalar fields (device, versions, ...) are listed, and every list of dicts
 becomes a table, except the files with their own page (RENDERERS: the quality method table, the
 HFPrune parity table), which quality.py also writes beside its JSON as it runs.
@@ -95,10 +96,36 @@ def _versions(v: dict) -> str:
     return ", ".join(f"{k} {x}" for k, x in v.items())
 
 
+def _ratio(st: dict) -> str:
+    return f"{st['mean']:.2f}x"
+
+
+def _recovery_line(rec: dict) -> str:
+    if not rec["steps"]:
+        return "- **Recovery**: not run (`--recover-steps 0`): before-recovery columns only."
+    return (f"- **Recovery** (the same for every run): {rec['steps']} steps x {rec['sequences_per_step']} windows x "
+            f"{rec['seq_len']} tokens ({rec['tokens']:,} tokens) of `{os.path.basename(rec['data']['source'])}` "
+            f"(seed {rec['data']['seed']}), LoRA {rec['lora']}, lr {rec['lr']:g} ({rec['schedule']}), "
+            f"{rec['loss']}" + (f", alpha {rec['alpha']:g}, T {rec['temperature']:g}" if rec["alpha"] else "")
+            + f"; {rec['how']}.")
+
+
+def _refit_cell(r: dict) -> str:
+    """x none (before recovery, mean over seeds), held-out loss, strengths chosen: for a refit row."""
+    if r.get("refit", "none") == "none":
+        return " | | |"
+    vs = r.get("vs_none", {}).get("before")
+    ratio = " / ".join(_ratio(vs[d]) for d in DOMAIN_TITLES) if vs else ""
+    loss = r["held_out_loss"]
+    chosen = ", ".join(f"{s} x{n}" for s, n in r["strengths_chosen"].items())
+    return f" {ratio} | {loss['before']['mean']:.3f} -> {loss['after']['mean']:.3f} | {chosen} |"
+
+
 def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) -> str:
-    """The method table of benchmarks/quality.py: per ratio, every method's perplexity on both domains
-    before and after the same recovery (mean and [min-max] over the calibration seeds), prune and
-    recovery time and peak memory, with the device, versions and data it was measured with."""
+    """The method table of benchmarks/quality.py: per ratio, every method and refit variant's perplexity
+    on both domains before and after the same recovery (mean and [min-max] over the calibration seeds),
+    the refit's ratio to no refit and its held-out loss, prune and recovery time and peak memory, with
+    the device, versions and data it was measured with."""
     h = "#" * level
     cal, ev, rec = res["calibration"], res["evaluation"], res["recovery"]
     std = ev["domains"]["stdlib"]
@@ -116,11 +143,14 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
              f"WikiText-2 = `{os.path.basename(ev['domains']['wikitext2']['source'])}` "
              f"({ev['domains']['wikitext2']['name']}); stdlib code = {len(std['files'])} files of the Python "
              f"{std['python']} standard library, never in calibration (listed below).",
-             f"- **Recovery** (the same for every run): {rec['steps']} steps x {rec['sequences_per_step']} windows x "
-             f"{rec['seq_len']} tokens ({rec['tokens']:,} tokens) of `{os.path.basename(rec['data']['source'])}` "
-             f"(seed {rec['data']['seed']}), LoRA {rec['lora']}, lr {rec['lr']:g} ({rec['schedule']}), "
-             f"{rec['loss']}" + (f", alpha {rec['alpha']:g}, T {rec['temperature']:g}" if rec["alpha"] else "")
-             + f"; {rec['how']}.",
+             _recovery_line(rec),
+             *([f"- **Refit** (`--refit ls`, sdmprune.compensation) after the same selection: "
+                + "; ".join(f"`{v}`: {res['refit']['variants'].get(v.split(':')[0] + (':S' if ':' in v else ''), v)}"
+                            + (f" {v.split(':')[1]}" if ':' in v else "") for v in res["refits"])
+                + f"; {res['refit']['how']}. x none: the perplexity ratio to the same selection without refit "
+                  "(mean over seeds), WikiText-2 / stdlib code, before recovery; held-out loss: the relative "
+                  "reconstruction error of the MLP output on the held-out calibration windows, before -> after "
+                  "(mean over layers and seeds)."] if "refits" in res else []),
              f"- **Unpruned**: {res['model']['params']:,} parameters; perplexity "
              + ", ".join(f"{DOMAIN_TITLES[d]} **{base[d]['perplexity']:.2f}**" for d in DOMAIN_TITLES) + ".", ""]
     if not res.get("complete", True):
@@ -130,18 +160,23 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
         if row["ratio"] not in ratios:
             ratios.append(row["ratio"])
     cols = [f"{DOMAIN_TITLES[d]} {phase}" for d in DOMAIN_TITLES for phase in ("before", "after")]
+    secs = lambda v: f"{v:.1f}"  # noqa: E731
     for ratio in ratios:
         rows = [r for r in res["summary"] if r["ratio"] == ratio]
         r0 = rows[0]
         lines += [f"{h}# {ratio:.0%} of all parameters removed: width {r0['width']}, {r0['params_after']:,} "
                   f"parameters ({r0['removed']:.2%} removed)", "",
-                  "| method | seeds | " + " | ".join(cols) + " | prune (s) | prune peak (MiB) | recovery (s) | "
-                  "recovery peak (MiB) |", "|---" * (len(cols) + 6) + "|"]
+                  "| method | refit | seeds | " + " | ".join(cols) + " | x none (before) | held-out loss | strengths "
+                  "chosen | prune (s) | prune peak (MiB) | recovery (s) | recovery peak (MiB) |",
+                  "|---" * (len(cols) + 10) + "|"]
         for r in rows:
-            cells = [_spread(r[phase][d]) for d in DOMAIN_TITLES for phase in ("before", "after")]
-            lines.append(f"| {r['method']} | {len(r['seeds'])} | " + " | ".join(cells)
-                         + f" | {_spread(r['prune_time_s'], lambda v: f'{v:.1f}')} | {_peak(r, 'prune')} | "
-                         f"{_spread(r['recovery_time_s'], lambda v: f'{v:.1f}')} | {_peak(r, 'recovery')} |")
+            cells = [_spread(r[phase][d]) if phase in r else "not run" for d in DOMAIN_TITLES
+                     for phase in ("before", "after")]
+            recovered = "recovery_time_s" in r
+            lines.append(f"| {r['method']} | {r.get('refit', 'none')} | {len(r['seeds'])} | " + " | ".join(cells)
+                         + f" |{_refit_cell(r)} {_spread(r['prune_time_s'], secs)} | {_peak(r, 'prune')} | "
+                         + (f"{_spread(r['recovery_time_s'], secs)} | {_peak(r, 'recovery')} |" if recovered
+                            else "not run | |"))
         lines.append("")
     runs = res["runs"]
     if runs:
@@ -156,6 +191,50 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
               "", f"Generated by `benchmarks/report.py` from `{source}` (written by `benchmarks/quality.py`); total "
               f"wall time {res.get('wall_s', 0):.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def quality_plot(res: dict, png: Path, title: str = "") -> Path:
+    """Perplexity against the ratio removed, one panel per domain: per method (one colour), the mean over
+    the seeds (bars: min-max); filled markers and solid lines without refit, hollow and dashed with ``ls``
+    (drawn a little to the right, so the two never hide each other); squares and dotted lines after
+    recovery, when it ran. Needs matplotlib (the benchmarks' own dependency: pip install matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["summary"] if r.get("refit", "none") in ("none", "ls")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(DOMAIN_TITLES), figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (domain, name) in zip(axes, DOMAIN_TITLES.items()):
+        for i, method in enumerate(methods):
+            for refit, style, shift in (("none", "-", -0.25), ("ls", "--", 0.25)):
+                for phase, marker in (("before", "o"), ("after", "s")):
+                    pts = sorted((r["ratio"], r[phase][domain]) for r in rows
+                                 if r["method"] == method and r.get("refit", "none") == refit and phase in r)
+                    if not pts:
+                        continue
+                    x = [100 * p[0] + shift for p in pts]
+                    y = [p[1]["mean"] for p in pts]
+                    err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
+                    ax.errorbar(x, y, yerr=err, color=colors[i % len(colors)], marker=marker, capsize=3,
+                                markerfacecolor="white" if refit == "ls" else colors[i % len(colors)],
+                                linestyle=style if phase == "before" else ":",
+                                label=f"{method}, {'refit ls' if refit == 'ls' else 'no refit'}"
+                                      + ("" if phase == "before" else ", after recovery"))
+        base = res["base"]["perplexity"][domain]["perplexity"]
+        ax.axhline(base, color="grey", linewidth=0.8)
+        ax.set_title(f"{name} (unpruned {base:.1f})")
+        ax.set_xlabel("parameters removed (%)")
+        ax.set_ylabel("perplexity (mean over seeds, bars min-max)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or f"{res['model']['spec']}: perplexity with and without --refit ls", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def parity_markdown(res: dict, level: int = 2) -> str:
@@ -185,6 +264,8 @@ def parity_markdown(res: dict, level: int = 2) -> str:
 
 
 RENDERERS = {"quality": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
+             "refit": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
+             "refit_self": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "hfprune_parity": lambda data, name: parity_markdown(data, level=2)}
 
 
@@ -335,6 +416,12 @@ def readme_block() -> str:
     quality = _load("quality")
     if quality is not None:
         out += [quality_markdown(quality, "quality.json", level=3)]
+    for name in ("refit", "refit_self"):  # the refit's own runs (benchmarks/quality.py --refits ...)
+        data = _load(name)
+        if data is not None:
+            out += [quality_markdown(data, f"{name}.json", level=3)]
+    if (RESULTS / "refit.png").exists():
+        out += ["![perplexity vs parameters removed, with and without --refit ls](benchmarks/results/refit.png)", ""]
     parity = _load("hfprune_parity")
     if parity is not None:
         out += [parity_markdown(parity, level=3)]
@@ -370,6 +457,9 @@ def update_readme() -> None:
 def main(argv):
     if "--readme" in argv:
         update_readme()
+        return
+    if "--plot" in argv:
+        print(quality_plot(json.loads((RESULTS / "refit.json").read_text()), RESULTS / "refit.png"))
         return
     root = Path(argv[1]) if len(argv) > 1 else RESULTS
     print("# Benchmark results\n")

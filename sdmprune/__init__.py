@@ -6,7 +6,9 @@ The pipeline reads top-down, one room per step: ``data`` (calibration text) -> `
 -> ``storage/`` (save, GGUF, the ownership rule, resume state) -> ``evaluate`` -> ``recovery/``, with
 ``commands/`` (the CLI) on top; ``scale/`` holds the options for models larger than one GPU and
 ``memory`` predicts their peak. Triton kernels live in ``sdmprune.kernels``; the compiled gather ops
-in ``sdmprune.ops``.
+in ``sdmprune.ops``. ``integrations/`` drives other pruners with sdmprune's choices
+(``integrations.torch_pruning``, the extra ``sdmprune[torch-pruning]``); ``lm_loss`` puts the fused
+LM-head loss into another pruning loop.
 
 Public names are imported lazily so that ``import sdmprune`` stays cheap.
 """
@@ -20,6 +22,9 @@ _LAZY = {
     # importance engine (drop-in)
     "TaylorImportance": "sdmprune.scoring.importance",
     "NaiveTaylorImportance": "sdmprune.scoring.importance",
+    # the model's own LM-head loss through the fused kernels (drop-in for model(ids, labels=ids).loss)
+    "lm_loss": "sdmprune.scoring.objectives",
+    "head_states": "sdmprune.scoring.objectives",
     # methods
     "register_method": "sdmprune.scoring.registry",
     "available_methods": "sdmprune.scoring.registry",
@@ -28,6 +33,8 @@ _LAZY = {
     "PruneResult": "sdmprune.pipeline",
     "prune_model": "sdmprune.pipeline",
     "score_channels": "sdmprune.pipeline",
+    # compensation after selection (PruneConfig.refit)
+    "refit_down_proj_": "sdmprune.compensation",
     # model adapters
     "find_gated_mlps": "sdmprune.models",
     "GatedMLP": "sdmprune.models",

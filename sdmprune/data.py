@@ -69,6 +69,7 @@ class SourceSpec:
     text_field: str = "text"
     texts: Optional[List[str]] = None  # local text/docs sources: read and checked by resolve_source
     is_documents: bool = False
+    tokens: Optional[torch.Tensor] = None  # a .pt source: its token ids, read and checked by resolve_source
 
     def describe(self) -> str:
         if self.kind == "self":
@@ -111,7 +112,7 @@ def resolve_source(src: str, what: str = "data", text_field: str = "text") -> So
     if os.path.isfile(path):
         low = path.lower()
         if low.endswith(".pt"):
-            return SourceSpec(src, "tokens", path=path)
+            return SourceSpec(src, "tokens", path=path, tokens=load_token_file(path))
         if low.endswith(DOC_SUFFIXES):
             spec = SourceSpec(src, "docs", path=path, text_field=text_field)
             spec.texts, spec.is_documents = _read_docs_file(path, what, text_field), True
@@ -254,6 +255,44 @@ def _load_hub(spec: SourceSpec, split: str):
     return [t for t in texts if t], True
 
 
+def check_token_ids(tokens: torch.Tensor, vocab: Optional[int], what: str) -> None:
+    """InputError unless every id in ``tokens`` is inside the model's vocabulary [0, vocab) (``what``
+    names the tokens in the message; ``vocab`` None: not known, nothing to check)."""
+    if vocab is None or tokens.numel() == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= int(vocab):
+        raise InputError(f"{what}: token ids must be in [0, {int(vocab)}), the model's vocabulary; "
+                         f"they span [{low}, {high}]")
+
+
+def is_text(spec: SourceSpec) -> bool:
+    """Whether the source must be tokenized (text, documents, a hub dataset), not token ids or 'self'."""
+    return spec.kind not in ("self", "tokens")
+
+
+def check_sources_against_model(model, sources, text_uses=(), tokenizer=None):
+    """Every data source of a run checked against the model before its weights load, the same way in
+    ``prune``, ``eval`` and ``finetune``: token ids inside the vocabulary, and a tokenizer wherever text
+    is tokenized. ``model``: the resolved model (sdmprune.loading.ModelSource); ``sources``: (flag,
+    SourceSpec or None) pairs; ``text_uses``: further reasons a tokenizer is needed, as the message
+    should say them (e.g. "--tasks runs on text"); ``tokenizer``: one the caller already has. Returns
+    the model's tokenizer (None when it has none and nothing needs one): load the model with it."""
+    from .loading import load_tokenizer
+
+    vocab = getattr(model.config, "vocab_size", None)
+    needs = []
+    for flag, spec in sources:
+        if spec is None:
+            continue
+        if spec.kind == "tokens":
+            check_token_ids(spec.tokens, vocab, f"{flag} {spec.raw!r}")
+        elif is_text(spec):
+            needs.append(f"{flag} {spec.raw!r} is text")
+    needs += list(text_uses)
+    return tokenizer if tokenizer is not None else load_tokenizer(model, needed=needs[0] if needs else False)
+
+
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     if tokenizer is None:
         raise InputError("this data source is text and the model has no tokenizer; use a .pt token file or 'self'")
@@ -275,7 +314,7 @@ def calibration_windows(src, tokenizer, n: int, seq_len: int, seed: int = 0, mod
         desc["mode"] = "sampled from the unpruned model (multinomial, T=1, BOS start)"
         return toks, desc
     if spec.kind == "tokens":
-        toks = load_token_file(spec.path)
+        toks = spec.tokens if spec.tokens is not None else load_token_file(spec.path)
         if toks.dim() != 2:
             raise InputError(f"{spec.raw}: calibration token file must hold a [n, L] tensor, got {tuple(toks.shape)}")
         if toks.shape[0] < n or toks.shape[1] < seq_len:
@@ -328,7 +367,7 @@ def eval_token_stream(src, tokenizer, model=None, max_tokens: Optional[int] = No
         desc["mode"] = f"held-out text sampled from the unpruned model (seed {eval_text_seed(seed)})"
         return toks.reshape(-1), desc
     if spec.kind == "tokens":
-        toks = load_token_file(spec.path).reshape(-1)
+        toks = (spec.tokens if spec.tokens is not None else load_token_file(spec.path)).reshape(-1)
     else:
         texts, is_docs = load_documents(spec, "test")
         toks = _tokenize(tokenizer, "\n\n".join(texts))

@@ -1,7 +1,11 @@
-"""The one exception family the CLI turns into a single clear error line (exit code 2), and the one
-check that an optional dependency a requested option needs is installed."""
+"""The one exception family the CLI turns into a single clear error line (exit code 2), the one
+check that an optional dependency a requested option needs is installed, and the one line for an
+exception raised by a user's own code (a plugin, a registered method)."""
 import importlib.util
+import os
 import sys
+import traceback
+from typing import Optional
 
 
 class SdmpruneError(Exception):
@@ -42,3 +46,24 @@ def require_extra(module: str, why: str) -> None:
     dist, extra = OPTIONAL_DEPENDENCIES[module]
     how = f"pip install 'sdmprune[{extra}]'" if extra else f"pip install {dist}"
     raise InputError(f"{why} needs the optional package {dist!r}, which is not installed: {how}")
+
+
+def one_line(text) -> str:
+    """``text`` with its line breaks and runs of spaces folded into single spaces: a whole message on one line."""
+    return " ".join(str(text).split())
+
+
+def user_code_error(what: str, exc: BaseException, user_file: Optional[str] = None) -> InputError:
+    """One line for ``exc`` raised by a user's code: ``what`` failed (e.g. "method 'm' of plugin p.py"), the
+    exception, and the innermost frame in ``user_file`` (else the innermost frame), so the user sees
+    their own line of code rather than a traceback through the package."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if user_file is not None:
+        mine = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(user_file)]
+        frames = mine or frames
+    where = ""
+    if frames:
+        f = frames[-1]
+        where = f" (at {f.filename}:{f.lineno} in {f.name}" + (f": {one_line(f.line)}" if f.line else "") + ")"
+    message = one_line(exc)
+    return InputError(f"{what} raised {type(exc).__name__}" + (f": {message}" if message else "") + where)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError, require_extra
+from .errors import InputError, one_line, require_extra
 
 
 class Perplexity(float):
@@ -44,6 +44,17 @@ def _fused_loss():
     return fused_linear_distill_loss
 
 
+def perplexity_windows(n_tokens: int, seq_len: int, max_windows: Optional[int] = None) -> int:
+    """How many windows of ``seq_len`` a perplexity over ``n_tokens`` tokens takes (at most
+    ``max_windows``); InputError when the text is shorter than one window."""
+    n = int(n_tokens) // int(seq_len)
+    if max_windows:
+        n = min(n, int(max_windows))
+    if n < 1:
+        raise InputError(f"evaluation text has {n_tokens} tokens, shorter than one window of {seq_len}")
+    return n
+
+
 @torch.no_grad()
 def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 2048, batch_size: int = 1,
                         device=None, max_windows: Optional[int] = None, backend: str = "auto",
@@ -57,6 +68,7 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
     from tqdm.auto import tqdm
 
     from .models import get_adapter
+    from .scoring.objectives import head_states
 
     if max_windows is not None and int(max_windows) < 1:
         raise InputError(f"max_windows {max_windows} must be at least 1 (None: every window)")
@@ -70,11 +82,7 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
         tokens = torch.tensor(ids, dtype=torch.long)
     else:
         tokens = torch.as_tensor(tokens_or_text).long().reshape(-1)
-    n = tokens.numel() // seq_len
-    if max_windows:
-        n = min(n, int(max_windows))
-    if n < 1:
-        raise InputError(f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seq_len}")
+    n = perplexity_windows(tokens.numel(), seq_len, max_windows)
     windows = tokens[: n * seq_len].view(n, seq_len)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     fused = _fused_loss() if backend != "logits" else None
@@ -105,7 +113,7 @@ def evaluate_perplexity(model, tokens_or_text, tokenizer=None, seq_len: int = 20
                 nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                       ignore_index=-100, reduction="sum")
             else:
-                h = adapter.head_input(model, adapter.body(model)(input_ids=x, use_cache=False).last_hidden_state)
+                h = head_states(model, x, adapter=adapter)
                 w = adapter.lm_head(model).weight
                 mean = fused(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), None, alpha=0.0,
                              backend=used.split("-", 1)[1])
@@ -144,8 +152,9 @@ PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_chal
 def resolve_tasks(spec: str, include_path: Optional[str] = None):
     """(task names or YAML paths, lm-eval TaskManager) for ``--tasks`` (comma list; ``paper`` = PAPER_TASKS)
     and ``--include-path`` (a folder of local task YAMLs). One InputError line for lm-eval missing, a
-    missing YAML or folder, or a name lm-eval does not know. Reading the task index takes lm-eval a few
-    seconds; it is done before any model is loaded."""
+    missing or unreadable task YAML, a missing folder, a name lm-eval does not know, or, without network,
+    a hub dataset a task reads that is not in the local cache. Reading the task index takes lm-eval a
+    few seconds; it is done before any model is loaded."""
     require_extra("lm_eval", "--tasks")
     names = []
     for t in (x.strip() for x in spec.split(",")):
@@ -155,16 +164,131 @@ def resolve_tasks(spec: str, include_path: Optional[str] = None):
         raise InputError("--tasks: no task named")
     if include_path is not None and not os.path.isdir(os.path.expanduser(include_path)):
         raise InputError(f"--include-path {include_path!r} is not a folder")
-    manager = _task_manager(os.path.abspath(os.path.expanduser(include_path)) if include_path else None)
-    known = set(manager.all_tasks)
-    for t in names:
+    for t in names:  # task files first: reading lm-eval's task index takes seconds
         if t.endswith((".yaml", ".yml")):
             if not os.path.isfile(os.path.expanduser(t)):
                 raise InputError(f"--tasks: task file {t!r} does not exist")
-        elif t not in known:
+            _task_file_config(t, f"--tasks: task file {t!r}")
+    manager = _task_manager(os.path.abspath(os.path.expanduser(include_path)) if include_path else None)
+    known = set(manager.all_tasks)
+    for t in names:
+        if not t.endswith((".yaml", ".yml")) and t not in known:
             raise InputError(f"--tasks: lm-eval knows no task, group or tag {t!r}"
-                             + ("" if include_path else " (local task folders: --include-path DIR)"))
+                             + (_unreadable_task_file(include_path) if include_path
+                                else " (local task folders: --include-path DIR)"))
+    _check_task_datasets_reachable(manager, names)
     return names, manager
+
+
+def _task_file_config(path: str, what: str) -> dict:
+    """A task YAML as lm-eval reads it (includes merged, ``!function`` tags left unresolved); one
+    InputError line naming the file and the place for one it cannot read."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        cfg = load_yaml(os.path.expanduser(path), resolve_func=False)
+    except Exception as exc:  # noqa: BLE001 - yaml errors, a missing include, a cycle: one line
+        raise InputError(f"{what} is not a readable lm-eval task: {type(exc).__name__}: {one_line(exc)}") from None
+    if not (cfg.get("task") or cfg.get("group")):
+        raise InputError(f"{what} is not an lm-eval task: it has neither a 'task' nor a 'group' key")
+    return cfg
+
+
+def _unreadable_task_file(include_path: str) -> str:
+    """A note on the first YAML in ``include_path`` that lm-eval skips because it cannot read it."""
+    for dirpath, _, files in sorted(os.walk(os.path.expanduser(include_path))):
+        for n in sorted(files):
+            if n.endswith(".yaml"):
+                path = os.path.join(dirpath, n)
+                try:
+                    _task_file_config(path, path)
+                except InputError as exc:
+                    return f" (lm-eval skips what it cannot read in --include-path: {exc})"
+    return ""
+
+
+# dataset builders that read local files (dataset_path: json with data_files, ...), offline by nature
+LOCAL_DATASET_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas")
+
+
+def _task_datasets(manager, names) -> list:
+    """(task, hub dataset "path" or "path name") of every task behind ``names`` (tasks, groups, tags and
+    task YAML paths, groups and tags expanded) whose data comes from the Hugging Face hub."""
+    from lm_eval.tasks._index import Kind
+
+    out, seen = [], set()
+
+    def task_cfg(name, cfg):
+        path = cfg.get("dataset_path")
+        if not isinstance(path, str) or path in LOCAL_DATASET_BUILDERS or os.path.exists(os.path.expanduser(path)):
+            return
+        name_ = cfg.get("dataset_name")
+        out.append((name, path + (f" {name_}" if name_ else "")))
+
+    def visit(item):
+        if isinstance(item, dict):  # an inline task of a group
+            if isinstance(item.get("task"), str) and "group" not in item:
+                task_cfg(item["task"], item)
+            return
+        if item in seen:
+            return
+        seen.add(item)
+        if str(item).endswith((".yaml", ".yml")):
+            cfg = _task_file_config(item, f"--tasks: task file {item!r}")
+            if cfg.get("group"):
+                for member in cfg.get("task") or ():
+                    visit(member)
+            else:
+                task_cfg(cfg["task"], cfg)
+            return
+        entry = manager.task_index.get(item)
+        if entry is None:
+            return
+        if entry.kind == Kind.TAG:
+            for member in sorted(entry.tags):
+                visit(member)
+        elif entry.kind == Kind.GROUP:
+            members = (entry.cfg or {}).get("task") or ()
+            for member in members if isinstance(members, list) else [members]:
+                visit(member)
+        elif entry.cfg:
+            task_cfg(item, entry.cfg)
+
+    for n in names:
+        visit(n)
+    return out
+
+
+def _dataset_cached(dataset: str) -> bool:
+    """Whether a hub dataset ("path" or "path name") has a copy in the local Hugging Face caches."""
+    from huggingface_hub import constants
+
+    path = dataset.split(" ", 1)[0]
+    hub = os.path.join(constants.HF_HUB_CACHE, "datasets--" + path.replace("/", "--"))
+    try:
+        import datasets
+
+        processed = os.path.join(datasets.config.HF_DATASETS_CACHE, path.replace("/", "___"))
+    except ImportError:
+        processed = None
+    return os.path.isdir(hub) or (processed is not None and os.path.isdir(processed))
+
+
+def _check_task_datasets_reachable(manager, names) -> None:
+    """Without network (sdmprune.data's check: no waiting for the hub's retries), every hub dataset the
+    tasks read must be in the local cache; otherwise one line saying which task needs which dataset."""
+    from .data import _network_ok
+
+    if _network_ok():
+        return
+    missing = [(t, d) for t, d in _task_datasets(manager, names) if not _dataset_cached(d)]
+    if missing:
+        listed = ", ".join(f"{t} needs {d}" for t, d in missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise InputError(f"--tasks: no network to reach the Hugging Face hub, and these datasets are not in the "
+                         f"local cache: {listed}; run once with network to cache them (then HF_DATASETS_OFFLINE=1 "
+                         "runs offline), or give local tasks: --include-path DIR with task YAMLs whose "
+                         "dataset_path is json and data_files local files")
 
 
 @functools.lru_cache(maxsize=4)

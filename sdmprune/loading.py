@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import InputError, require_extra
+from .errors import InputError, one_line, require_extra
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -231,16 +231,30 @@ def load_model(spec, dtype="fp32", device=None, source: Optional[ModelSource] = 
     return model, tokenizer if tokenizer is not None else load_tokenizer(src, need_tokenizer)
 
 
-def load_tokenizer(src: ModelSource, needed: bool = False):
-    """The model's tokenizer, or None when it has none (tiny local models may ship without one)."""
+# files a model folder's tokenizer is read from (any one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def load_tokenizer(src: ModelSource, needed=False):
+    """The model's tokenizer, or None when it has none (tiny local models may ship without one).
+    ``needed``: why a tokenizer is required (e.g. "--ppl 'a.txt' is text"; True: no reason given):
+    without one that loads, an InputError saying so, and why it did not load, in one whole line."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(src.path, **src.kwargs())
     except Exception as exc:  # noqa: BLE001
-        if needed:
-            raise InputError(f"model {src.spec!r} has no loadable tokenizer: {str(exc).splitlines()[0]}") from exc
-        return None
+        if not needed:
+            return None
+        why = needed if isinstance(needed, str) else "a tokenizer is needed"
+        if src.kind == "hf" and os.path.isdir(src.path) and not any(
+                os.path.isfile(os.path.join(src.path, n)) for n in TOKENIZER_FILES):
+            reason = f"it has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+        else:
+            reason = f"its tokenizer does not load: {type(exc).__name__}: {one_line(exc)}"
+        raise InputError(f"{why}, but the model {src.spec!r} has no tokenizer: {reason}; give token ids "
+                         "(a .pt file) or 'self' where the command takes them, or a model folder with a tokenizer"
+                         ) from exc
 
 
 def drop_gguf_quantizer(model) -> None:

@@ -35,6 +35,20 @@ The model (``predict_peak_memory``) follows what the engines keep alive, per ran
 
 These are estimates of the dominant terms, not allocator-exact numbers: ``bench_pipeline.py``
 prints the measured peak beside the prediction.
+
+The refit stage (``--refit ls``, sdmprune.compensation) runs after the scoring passes, whose tensors are
+gone by then; ``predict_refit_memory`` gives its own peak, with ``k`` the kept width:
+
+* weights: the resident model (``P*b``), or under ``--offload``/``--shard`` the one layer being refit;
+* Grams: two ``I x I`` matrices (fit and held-out windows), float32 on a GPU (float64 on a CPU),
+  doubled while the ranks sum them;
+* activations: one batch through one decoder layer, without gradients (its norms, attention and MLP
+  outputs and the float32 copy of the down_proj input the Grams are fed);
+* solve, float64, the largest of three moments: forming ``W G[:, S]`` and ``G_SS`` (both Grams alive,
+  ``W``, ``G[:, S]``), forming the held-out parts (the held-out Gram, ``W``, ``H[:, S]``, a column chunk
+  of ``W H``), and solving the candidates (``G_SS``, ``H_SS``, the shifted system and its Cholesky
+  factor: four ``k x k``, and about nine ``d x k``);
+* host: the hidden states of this rank's calibration windows, ``N*L*d*b``.
 """
 from __future__ import annotations
 
@@ -71,6 +85,8 @@ class ModelShape:
     # all); None for shapes known only by their dimensions, which use the LLaMA formula below
     counted_parameters: Optional[int] = None
     counted_layer_parameters: Optional[int] = None
+    # positions the model has (a --seq-len past them is refused, as prune refuses it); None: not known
+    max_position_embeddings: Optional[int] = None
 
     @property
     def layer_parameters(self) -> int:
@@ -96,21 +112,21 @@ class ModelShape:
         return self.num_hidden_layers * self.layer_parameters + self.other_parameters
 
 
-def _shape(name, d, i, n, v, h, kv, tied, head_dim=None):
-    return ModelShape(d, i, n, v, h, kv, head_dim or d // h, tied, name)
+def _shape(name, d, i, n, v, h, kv, tied, head_dim=None, positions=None):
+    return ModelShape(d, i, n, v, h, kv, head_dim or d // h, tied, name, max_position_embeddings=positions)
 
 
 # Built-in shapes for users without the model files (dims from the published configs).
 BUILTIN_SHAPES: Dict[str, ModelShape] = {
     s.name: s
     for s in (
-        _shape("smollm2-135m", 576, 1536, 30, 49152, 9, 3, True),
-        _shape("llama-3.2-1b", 2048, 8192, 16, 128256, 32, 8, True, 64),
-        _shape("llama-3.2-3b", 3072, 8192, 28, 128256, 24, 8, True, 128),
-        _shape("llama-3.1-8b", 4096, 14336, 32, 128256, 32, 8, False, 128),
-        _shape("llama-3.1-70b", 8192, 28672, 80, 128256, 64, 8, False, 128),
-        _shape("qwen2.5-7b", 3584, 18944, 28, 152064, 28, 4, False, 128),
-        _shape("mistral-7b", 4096, 14336, 32, 32768, 32, 8, False, 128),
+        _shape("smollm2-135m", 576, 1536, 30, 49152, 9, 3, True, positions=8192),
+        _shape("llama-3.2-1b", 2048, 8192, 16, 128256, 32, 8, True, 64, 131072),
+        _shape("llama-3.2-3b", 3072, 8192, 28, 128256, 24, 8, True, 128, 131072),
+        _shape("llama-3.1-8b", 4096, 14336, 32, 128256, 32, 8, False, 128, 131072),
+        _shape("llama-3.1-70b", 8192, 28672, 80, 128256, 64, 8, False, 128, 131072),
+        _shape("qwen2.5-7b", 3584, 18944, 28, 152064, 28, 4, False, 128, 131072),
+        _shape("mistral-7b", 4096, 14336, 32, 32768, 32, 8, False, 128, 32768),
     )
 }
 
@@ -150,6 +166,7 @@ def shape_of(config: Any) -> ModelShape:
             head_dim=int(get("head_dim", None) or d // heads),
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             name=str(get("name_or_path", "") or get("_name_or_path", "") or ""),
+            max_position_embeddings=int(get("max_position_embeddings", None) or 0) or None,
         )
     except (TypeError, ValueError) as exc:
         raise InputError(f"config lacks the fields of a LLaMA-family decoder ({exc})") from None
@@ -306,6 +323,43 @@ def predict_peak_memory(config: Any, seq_len: int, batch_size: int, dtype: Any =
     return out
 
 
+def predict_refit_memory(config: Any, seq_len: int, batch_size: int, width: Optional[int] = None,
+                         dtype: Any = "bf16", gpus: int = 1, shard: Optional[str] = None,
+                         offload: Optional[str] = None, gram_bytes: int = 4, samples: int = 1) -> Dict[str, int]:
+    """Predicted peak memory of the refit stage on one GPU (one rank), in bytes: {"weights", "grams",
+    "activations", "solve", "overhead", "total"} plus "host_stream" (host memory, not in "total").
+    ``width``: the kept MLP width k (default: I, an upper bound); ``batch_size``: windows per layer
+    forward; ``gram_bytes``: 4 (float32 Grams, GPU) or 8 (float64, CPU); ``samples``: calibration
+    windows of this rank (for the host term). See the module docstring for the terms."""
+    from .compensation import QUADRATIC_CHUNK
+
+    s = shape_of(config)
+    b = dtype_bytes(dtype)
+    d, I, n = s.hidden_size, s.intermediate_size, s.num_hidden_layers
+    k = I if width is None else int(width)
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    T = seq_len * batch_size
+    weights = s.layer_parameters * b if (shard or offload) else s.parameters * b
+    grams = 2 * I * I * gram_bytes
+    reducing = grams if gpus > 1 else 0  # the ranks' sum gathers both into one flat buffer
+    # layer input and output, norm outputs with a float32 intermediate, q/k/v (+rope), attention and o
+    # outputs; gate, up, act, act*up and the masked copy; the down_proj input for the Grams
+    activations = T * ((6 * d + 2 * q + 4 * kv) * b + 2 * d * 4 + 5 * I * b + I * gram_bytes)
+    f64 = 8
+    gather = I * k * (gram_bytes + f64 if gram_bytes != f64 else f64)  # G[:, S] gathered, then float64
+    chunk = min(QUADRATIC_CHUNK, I)
+    forming = 2 * I * I * gram_bytes + d * I * f64 + gather + (k * k + 2 * d * k) * f64
+    held_out = (I * I * gram_bytes + (2 * d * k + k * k) * f64 + d * I * f64 + gather + (d * k + k * k) * f64
+                + chunk * (I if gram_bytes != f64 else 0) * f64 + 2 * d * chunk * f64)
+    candidates = (4 * k * k + 9 * d * k) * f64
+    solve = max(forming, held_out, candidates)
+    out = {"weights": int(weights), "grams": int(grams + reducing), "activations": int(activations),
+           "solve": int(solve), "overhead": RUNTIME_OVERHEAD}
+    out["total"] = out["weights"] + max(out["grams"] + out["activations"], out["solve"]) + out["overhead"]
+    out["host_stream"] = int(samples * seq_len * d * b)
+    return out
+
+
 def largest_batch(config: Any, seq_len: int, budget_bytes: int, max_batch: int = 4096, **kw) -> int:
     """The largest batch_size whose predicted total fits ``budget_bytes`` (0 when even 1 does not)."""
     config = shape_of(config)  # once, not once per probe
@@ -368,6 +422,7 @@ def shape_from_gguf(path: str) -> ModelShape:
         head_dim=int(field(f"{arch}.attention.key_length", int(d) // int(heads))),
         tie_word_embeddings="output.weight" not in names,
         name=os.path.basename(path),
+        max_position_embeddings=field(f"{arch}.context_length"),
     )
 
 
@@ -435,10 +490,11 @@ def memory_settings(cfg, engine: str, dtype="bf16", gpus: Optional[int] = None) 
 
 
 def batch_size_for_memory(model_config, cfg, engine: str, seq_len: int, budget: str, samples: int,
-                          dtype: str = "bf16") -> tuple:
+                          dtype: str = "bf16", width: Optional[int] = None) -> tuple:
     """(batch size, note): the largest batch per GPU predicted to fit ``budget`` (e.g. "18GiB") with the
     PruneConfig ``cfg``'s settings, at most this rank's share of ``samples``; ``note`` holds the budget
-    and the prediction for the report. InputError when even batch 1 is predicted not to fit. ``engine``:
+    and the prediction for the report. InputError when even batch 1 is predicted not to fit, or when the
+    refit stage (``cfg.refit``, kept ``width``) is predicted not to fit at that batch. ``engine``:
     "fused", "torch" or "reference" (one sample per backward)."""
     from .scale import distributed as dist
 
@@ -457,4 +513,14 @@ def batch_size_for_memory(model_config, cfg, engine: str, seq_len: int, budget: 
         raise InputError(f"--max-memory {budget}: even batch 1 is predicted to need {need / GiB:.2f} GiB per GPU "
                          f"(try {', '.join(hints)})")
     predicted = predict_peak_memory(shape, seq_len, batch, **kw)["total"]
-    return batch, {"max_memory": budget, "budget_bytes": limit, "batch_size": batch, "predicted_peak_bytes": predicted}
+    note = {"max_memory": budget, "budget_bytes": limit, "batch_size": batch, "predicted_peak_bytes": predicted}
+    if getattr(cfg, "refit", "none") != "none":
+        refit = predict_refit_memory(shape, seq_len, batch, width=width, dtype=dtype, gpus=kw["gpus"],
+                                     shard=cfg.shard, offload=cfg.offload,
+                                     samples=-(-samples // dist.world_size()))
+        if refit["total"] > limit:
+            raise InputError(f"--max-memory {budget}: the refit stage (--refit ls) is predicted to need "
+                             f"{refit['total'] / GiB:.2f} GiB per GPU, {refit['solve'] / GiB:.2f} GiB of it its "
+                             "float64 solve" + ("" if cfg.offload or cfg.shard else "; try --offload cpu"))
+        note["refit_predicted_peak_bytes"] = refit["total"]
+    return batch, note

@@ -333,7 +333,12 @@ def meta_model_from_config(config, trust_remote_code: bool = False) -> nn.Module
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # transformers 5.0 builds a tied head untied on the meta device (later releases tie it): tie it, so
+    # a tied head is counted once, as in the loaded model
+    if getattr(model, "tie_weights", None) is not None:
+        model.tie_weights()
+    return model
 
 
 class ChannelMasks:
@@ -342,14 +347,21 @@ class ChannelMasks:
 
     ``keep``: {layer index: kept channel indices} in the current numbering. Built on the plain model
     (find_gated_mlps wants nn.Linear MLPs); ``install()`` hooks whatever module then sits at the
-    adapter's ``mlp_input_of_down`` (a LoRA wrapper once peft injected it)."""
+    adapter's ``mlp_input_of_down`` (a LoRA wrapper once peft injected it).
 
-    def __init__(self, model: nn.Module, keep: Dict[int, "torch.Tensor"]):
+    ``unrefit_columns``: {layer: down_proj.weight[:, keep] before a refit (sdmprune.compensation)}. With
+    the masks off the layer then computes with these columns, so "masks off" stays the unpruned model
+    (the recovery teacher) while the masked student uses the refit ones; one [d, k] difference per
+    layer is held for it."""
+
+    def __init__(self, model: nn.Module, keep: Dict[int, "torch.Tensor"],
+                 unrefit_columns: Optional[Dict[int, "torch.Tensor"]] = None):
         self.on = True
         self.handles = []
         self.adapter = get_adapter(model)
         self.layers = self.adapter.decoder_layers(model)
         self.masks = {}
+        self.unrefit = {}  # layer -> (kept channels, unrefit - refit columns [d, k])
         for m in find_gated_mlps(model):
             if m.index not in keep:
                 continue
@@ -360,13 +372,27 @@ class ChannelMasks:
             mask = torch.zeros(m.width, dtype=dt, device=dev)
             mask[idx.to(dev)] = 1
             self.masks[m.index] = mask
+            if unrefit_columns is not None and m.index in unrefit_columns:
+                with torch.no_grad():
+                    idx = idx.to(dev)
+                    self.unrefit[m.index] = (idx, unrefit_columns[m.index].to(dev, dt) - m.down.weight[:, idx])
 
     def install(self) -> "ChannelMasks":
         self.remove()
         for i, mask in self.masks.items():
             target = self.adapter.mlp_input_of_down(self.layers[i])
             self.handles.append(target.register_forward_pre_hook(self._hook(mask)))
+            if i in self.unrefit:
+                self.handles.append(target.register_forward_hook(self._unrefit_hook(*self.unrefit[i])))
         return self
+
+    def _unrefit_hook(self, idx, delta):
+        def hook(module, args, output):
+            if self.on:
+                return None
+            x = args[0]
+            return output + x.index_select(-1, idx.to(x.device)) @ delta.to(device=x.device, dtype=x.dtype).T
+        return hook
 
     def _hook(self, mask):
         def hook(module, args):

@@ -6,9 +6,11 @@
 2. run the method's registry entry (``sdmprune.scoring.registry``): its scoring call returns the kept channels
    of every gated MLP in the original numbering (``sdmprune.scoring.taylor`` for the gradient methods,
    ``sdmprune.scoring.baselines`` for the one-shot ones, or a method a user registered);
-3. optionally recover the masked model (``sdmprune.recovery.recover.recover_masked_``: LoRA on one weight copy,
+3. optionally refit the kept ``down_proj`` columns in closed form (``cfg.refit``; sdmprune.compensation:
+   layer by layer on the calibration tokens, the model still full width with the pruned channels masked);
+4. optionally recover the masked model (``sdmprune.recovery.recover.recover_masked_``: LoRA on one weight copy,
    merged in place);
-4. slice the kept channels in place (``sdmprune.slicing``).
+5. slice the kept channels in place (``sdmprune.slicing``).
 
 Scale-out options of the same path, for gradient methods on the fused or torch engine:
 ``shard="fsdp"`` wraps the decoder layers with FSDP2 over the initialized process group (each rank
@@ -30,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 
 from .scale import distributed as dist
+from .data import check_token_ids
 from .errors import InputError, require_extra
 from .scoring.registry import ENGINES, ScoringRun, get_method, gradient_method_names
 from .models import count_parameters, find_gated_mlps, get_adapter
@@ -42,7 +45,8 @@ from .widths import WidthPlan, plan_width
 FLAGS = {"ratio": "--ratio", "width": "--width", "alpha": "--alpha", "temperature": "--temperature",
          "stage1_keep": "--stage1-keep", "method": "--method", "engine": "--engine", "batch_size": "--batch-size",
          "round_to": "--round-to", "checkpoint_every": "--checkpoint-every", "loss_token_chunk": "--loss-chunk",
-         "recover_steps": "--recover-steps", "seed": "--seed"}
+         "recover_steps": "--recover-steps", "seed": "--seed", "refit": "--refit",
+         "refit_strength": "--refit-strength"}
 
 
 @dataclass
@@ -66,6 +70,10 @@ class PruneConfig:
     cache_dir: Optional[str] = None  # where a large teacher cache goes (default: a temp dir)
     host_cache_limit_gb: float = 16.0  # teacher caches larger than this go to disk
     progress: bool = True
+    # compensation after selection (sdmprune.compensation): "none" or "ls" (refit the kept down_proj columns);
+    # refit_strength: None chooses it per layer on held-out calibration windows, a number fixes it
+    refit: str = "none"
+    refit_strength: Optional[float] = None
     # recovery after selection, on the masked model (sdmprune.recovery.recover hooks in here); off by default
     recover_steps: int = 0
     recover_data: Any = None
@@ -106,6 +114,15 @@ class PruneConfig:
                 raise InputError(f"{FLAGS[name]} {getattr(self, name)} must be a positive integer")
         if int(self.recover_steps) < 0:
             raise InputError(f"--recover-steps {self.recover_steps} must be >= 0")
+        from .compensation import REFITS
+
+        if self.refit not in REFITS:
+            raise InputError(f"--refit {self.refit!r} is unknown (one of {', '.join(REFITS)})")
+        if self.refit_strength is not None:
+            if self.refit == "none":
+                raise InputError("--refit-strength applies to --refit ls")
+            if math.isnan(float(self.refit_strength)) or not float(self.refit_strength) > 0:
+                raise InputError(f"--refit-strength {self.refit_strength} must be a positive number")
         if self.shard not in (None, "fsdp"):
             raise InputError(f"--shard {self.shard!r} is not supported (supported: fsdp)")
         if self.offload not in (None, "cpu"):
@@ -122,6 +139,10 @@ class PruneConfig:
                 raise InputError(f"recovery (--recover-steps) does not run under {flag}; recover the saved model")
         if self.recover_steps:
             require_extra("peft", "--recover-steps (LoRA recovery)")
+            if self.recover_config is not None:
+                from .recovery.recover import check_recovery_config
+
+                check_recovery_config(self.recover_config)
         if self.recover_steps and self.recover_data is None:
             raise InputError("--recover-steps needs recovery data (a data source, calibration tokens or rows)")
         if self.offload_activations:
@@ -182,8 +203,9 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
     from .slicing import prune_model_
 
     cfg = configured(cfg, **overrides)
-    result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
+    run, result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
     stats = result.stats
+    unrefit = _refit(run, result.keep) if cfg.refit != "none" else None
     if on_selected is not None:
         on_selected(model, result.keep)
     if cfg.recover_steps:  # fine-tune the masked model before slicing (one weight copy)
@@ -191,7 +213,7 @@ def prune_model(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Prune
 
         t0 = time.perf_counter()
         stats["recover"] = recover_masked_(model, result.keep, tokenizer, cfg.recover_data, cfg.recover_steps,
-                                           cfg=cfg.recover_config)
+                                           cfg=cfg.recover_config, unrefit_columns=unrefit)
         stats["time_s"]["recover"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -206,10 +228,10 @@ def score_channels(model, calib_tokens: Optional[torch.Tensor], cfg: Optional[Pr
                    **overrides) -> PruneResult:
     """The channels ``prune_model`` would keep, and the scores it ranked, for any registered method --
     without recovery or slicing: the model's weights are left as they were (``keep`` and ``scores`` in
-    the original channel numbering; ``recover_steps`` is not run). Arguments as for ``prune_model``.
-    This is the entry for another pruner (e.g. sdmprune.integrations.torch_pruning) to act on."""
+    the original channel numbering; neither ``refit`` nor ``recover_steps`` is run). Arguments as for
+    ``prune_model``. This is the entry for another pruner (e.g. sdmprune.integrations.torch_pruning) to act on."""
     cfg = configured(cfg, **overrides)
-    result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
+    _, result = _select(model, calib_tokens, cfg, checkpoint_dir, resume)
     stats = result.stats
     _finish(model, stats)
     return result
@@ -222,18 +244,22 @@ def _finish(model, stats: dict) -> None:
         stats.update(peak_memory(torch.device(stats["device"])))
 
 
-def _select(model, calib_tokens, cfg: PruneConfig, checkpoint_dir, resume: bool) -> PruneResult:
+def _select(model, calib_tokens, cfg: PruneConfig, checkpoint_dir, resume: bool):
     """Plan the width and run the method's registry entry (with the run's scale-out options and resume
-    state); the stats hold the timings so far and ``_t_start``."""
+    state); returns (the ScoringRun, the PruneResult), whose stats hold the timings so far and ``_t_start``."""
     method = get_method(cfg.method)
     if cfg.shard == "fsdp":
         from .scale.sharding import require_process_group
 
         require_process_group()  # InputError before any work
     plan = plan_width(model, cfg.ratio, cfg.width, cfg.round_to)
-    tokens = check_tokens(calib_tokens, model, needed=method.needs_calibration)
+    tokens = check_tokens(calib_tokens, model, needed=method.needs_calibration or cfg.refit != "none")
     if tokens is not None:
         dist.shard_indices(tokens.shape[0])  # more ranks than samples: InputError before anything is written
+    if cfg.refit != "none":
+        from .compensation import split_windows
+
+        split_windows(tokens.shape[0])  # too few samples to hold some out: InputError before any work
     device = scoring_device(model, cfg)
     engine, backend = ("none", "none")
     if method.gradient:
@@ -246,8 +272,7 @@ def _select(model, calib_tokens, cfg: PruneConfig, checkpoint_dir, resume: bool)
             raise InputError(f"method {cfg.method!r} with engine {engine!r} does not checkpoint; "
                              "use engine 'torch' or 'fused' to resume")
         work = checkpoint_dir if isinstance(checkpoint_dir, WorkDir) else WorkDir(checkpoint_dir, given=True)
-        state = RunState(work, f"sdmprune-state-rank{dist.rank()}.pt",
-                         prune_fingerprint(model, tokens, cfg, engine, device))
+        state = prune_state(work, prune_fingerprint(model, tokens, cfg, engine, device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats: dict = {"method": cfg.method, "engine": engine, "backend": backend, "device": str(device),
@@ -263,8 +288,35 @@ def _select(model, calib_tokens, cfg: PruneConfig, checkpoint_dir, resume: bool)
     if tokens is not None:
         stats["calibration_tokens"] = tokens.numel()
         stats["tokens_per_s"] = {st: (tokens.numel() / t if t > 0 else None) for st, t in stats["time_s"].items()}
-    return PruneResult(keep=selection.keep, scores=selection.scores, plan=plan, stage1_keep=selection.stage1_keep,
-                       stage1_scores=selection.stage1_scores, stats=stats)
+    return run, PruneResult(keep=selection.keep, scores=selection.scores, plan=plan,
+                            stage1_keep=selection.stage1_keep, stage1_scores=selection.stage1_scores, stats=stats)
+
+
+def _refit(run: ScoringRun, keep) -> Optional[dict]:
+    """The refit stage on the still full-width model (after scale_out: plain, its layers moved to the run's
+    device one at a time). Records its report, time and peak in the stats; resumable per layer beside the
+    selection's state (the same fingerprint). Returns the replaced columns when recovery follows (its
+    teacher must stay the unpruned model), else None."""
+    from .compensation import kept_columns, refit_down_proj_
+
+    cfg, stats, device = run.config, run.stats, run.device
+    unrefit = kept_columns(run.model, keep) if cfg.recover_steps else None
+    state = None
+    if run.state is not None:
+        state = RunState(run.state.work, f"sdmprune-refit-rank{dist.rank()}.pt", run.state.fingerprint)
+    if device.type == "cuda":  # the scoring peak so far, then the stage's own
+        stats.setdefault("peak_memory_bytes", peak_memory(device)["peak_memory_bytes"])
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    stats["refit"] = refit_down_proj_(run.model, run.tokens, keep, device=device, batch_size=cfg.batch_size,
+                                      strength=cfg.refit_strength, state=state, resume=run.resume,
+                                      progress=cfg.progress)
+    stats["time_s"]["refit"] = time.perf_counter() - t0
+    stats["refit"].update(peak_memory(device))
+    if device.type == "cuda":
+        stats["peak_memory_bytes"] = max(stats["peak_memory_bytes"], stats["refit"]["peak_memory_bytes"])
+        stats["peak_memory_kind"] = stats["refit"]["peak_memory_kind"]
+    return unrefit
 
 
 def configured(cfg: Optional[PruneConfig] = None, **overrides) -> PruneConfig:
@@ -288,22 +340,33 @@ def check_tokens(tokens, model, needed: bool) -> Optional[torch.Tensor]:
         raise InputError(f"calibration tokens must be [n, L] with n >= 1, L >= 2; got {tuple(tokens.shape)}")
     if tokens.is_floating_point():
         raise InputError("calibration tokens must be integer token ids")
-    vocab = get_adapter(model).lm_head(model).weight.shape[0]
-    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise InputError(f"calibration token ids must be in [0, {vocab})")
+    check_token_ids(tokens, get_adapter(model).lm_head(model).weight.shape[0], "calibration tokens")
     return tokens.long().cpu()
 
 
 def prune_fingerprint(model, tokens, cfg: PruneConfig, engine: str, device: torch.device) -> dict:
-    """What decides a prune's result, for resume (sdmprune.storage.run_state): the settings, the engine, the
-    model's weights, dtype and device kind, the ranks and the calibration tokens."""
-    fp = {FLAGS[k]: getattr(cfg, k) for k in ("method", "ratio", "width", "alpha", "temperature", "stage1_keep",
-                                                "batch_size", "seed", "round_to")}
-    fp.update({"engine": engine, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-               "device": device.type, "ranks": dist.world_size(),
-               "widths": {m.index: m.width for m in find_gated_mlps(model)},
-               "weights": weights_digest(model), "calibration": tensor_digest(tokens)})
+    """What decides a prune's result, for resume (sdmprune.storage.run_state): the settings
+    (``prune_settings``), then the model's weights and the calibration tokens."""
+    fp = prune_settings(cfg, engine, next(model.parameters()).dtype, device.type,
+                        {m.index: m.width for m in find_gated_mlps(model)})
+    fp.update({"weights": weights_digest(model), "calibration": tensor_digest(tokens)})
     return fp
+
+
+def prune_settings(cfg: PruneConfig, engine: str, dtype: torch.dtype, device_type: str, widths: Dict[int, int]) -> dict:
+    """The part of a prune's resume fingerprint that the arguments decide: the settings, the engine, the
+    dtype, the device kind, the ranks and the MLP widths (``widths``: {layer: width}, from the config),
+    so ``prune --resume`` compares it before any weight is loaded (``RunState.check_settings``)."""
+    fp = {FLAGS[k]: getattr(cfg, k) for k in ("method", "ratio", "width", "alpha", "temperature", "stage1_keep",
+                                                "batch_size", "seed", "round_to", "refit", "refit_strength")}
+    fp.update({"engine": engine, "dtype": str(dtype).replace("torch.", ""), "device": device_type,
+               "ranks": dist.world_size(), "widths": dict(widths)})
+    return fp
+
+
+def prune_state(work: WorkDir, fingerprint: dict) -> RunState:
+    """This rank's resume state of a prune in the work folder ``work``."""
+    return RunState(work, f"sdmprune-state-rank{dist.rank()}.pt", fingerprint)
 
 
 def offload_device(cfg: PruneConfig) -> torch.device:

@@ -32,7 +32,7 @@ from .errors import InputError
 from .models import GatedMLP, find_gated_mlps
 from .ops import gather_cols_, gather_rows_
 
-__all__ = ["prune_mlp_", "prune_model_", "reclaim_memory", "normalize_keep"]
+__all__ = ["prune_mlp_", "prune_model_", "sync_config_widths_", "reclaim_memory", "normalize_keep"]
 
 KeepLike = Union[torch.Tensor, Sequence[int]]
 
@@ -137,29 +137,47 @@ def prune_model_(model: nn.Module, keep: Mapping[int, KeepLike], allow_nonunifor
         raise InputError(f"keep names layers {unknown} that do not exist (the model has {len(mlps)} MLP layers)")
     plan = {int(i): normalize_keep(v, mlps[int(i)].width, f"layer {int(i)}") for i, v in keep.items()}
     widths = {i: (plan[i].numel() if i in plan else g.width) for i, g in mlps.items()}
-    uniform = len(set(widths.values())) == 1
-    if not uniform and not allow_nonuniform:
-        raise InputError(
-            f"non-uniform MLP widths {sorted(set(widths.values()))}: Hugging Face configs hold one "
-            "intermediate_size for all layers; pass allow_nonuniform=True to save them in sdmprune's own "
-            "format (config.sdmprune_intermediate_sizes, loaded with sdmprune.storage.save.load_pruned)"
-        )
+    _check_widths_fit_config(widths, allow_nonuniform)
     for g in mlps.values():
         _check_device(g)
     for i, g in mlps.items():
         if i in plan and plan[i].numel() != g.width:
             _slice(g, plan[i], reclaim, scratch_bytes)
-    config = getattr(model, "config", None)
-    if config is not None:
-        ordered = [widths[i] for i in sorted(widths)]
-        if uniform:
-            config.intermediate_size = ordered[0]
-            if hasattr(config, "sdmprune_intermediate_sizes"):
-                delattr(config, "sdmprune_intermediate_sizes")
-        else:
-            config.intermediate_size = max(ordered)
-            config.sdmprune_intermediate_sizes = ordered
+    _write_config_widths(getattr(model, "config", None), widths)
     return widths
+
+
+def sync_config_widths_(model: nn.Module, allow_nonuniform: bool = False) -> Dict[int, int]:
+    """Write the MLP widths the model has now into its config, as ``prune_model_`` does after slicing;
+    returns {layer: width}. For a model another tool sliced (torch-pruning leaves
+    ``config.intermediate_size`` as it was, so ``from_pretrained`` of the saved folder fails). Non-uniform
+    widths: InputError unless ``allow_nonuniform`` (module docstring)."""
+    widths = {g.index: g.width for g in find_gated_mlps(model)}
+    _check_widths_fit_config(widths, allow_nonuniform)
+    _write_config_widths(getattr(model, "config", None), widths)
+    return widths
+
+
+def _check_widths_fit_config(widths: Dict[int, int], allow_nonuniform: bool) -> None:
+    if len(set(widths.values())) > 1 and not allow_nonuniform:
+        raise InputError(
+            f"non-uniform MLP widths {sorted(set(widths.values()))}: Hugging Face configs hold one "
+            "intermediate_size for all layers; pass allow_nonuniform=True to save them in sdmprune's own "
+            "format (config.sdmprune_intermediate_sizes, loaded with sdmprune.storage.save.load_pruned)"
+        )
+
+
+def _write_config_widths(config, widths: Dict[int, int]) -> None:
+    if config is None:
+        return
+    ordered = [widths[i] for i in sorted(widths)]
+    if len(set(ordered)) == 1:
+        config.intermediate_size = ordered[0]
+        if hasattr(config, "sdmprune_intermediate_sizes"):
+            delattr(config, "sdmprune_intermediate_sizes")
+    else:
+        config.intermediate_size = max(ordered)
+        config.sdmprune_intermediate_sizes = ordered
 
 
 def reclaim_memory(model: nn.Module) -> int:

@@ -6,7 +6,8 @@ every 2-rank check (a torchrun start costs ~10 s here):
 
 * op level: CE Taylor scores with plain data parallel and with FSDP2 (shard_model), unshard_model_;
 * pipeline level: prune_model (sdmprune, torch engine, both stages) plain and with shard="fsdp";
-  hfprune (one stage, activation scores) plain and with shard="fsdp";
+  hfprune (one stage, activation scores) plain and with shard="fsdp"; sdmprune with refit="ls" plain
+  and with shard="fsdp";
 * CLI in this process (the process group is already up): a plain run, an interrupted run resumed
   with --resume, a --shard fsdp run, and --samples smaller than the world size (exit 2);
   save_pruned is wrapped to count which ranks write.
@@ -101,6 +102,11 @@ def pipeline_level(result, tokens, workdir):
     for name, shard in (("pipe_hfprune_dp", None), ("pipe_hfprune_fsdp", "fsdp")):
         result[name] = pipeline_result(pipeline.prune_model(tiny_model(seed=0, layers=2), tokens, shard=shard,
                                                             **PIPE_HFPRUNE))
+    # the refit: each rank's Grams of its windows, summed before the solve; plain and after --shard fsdp
+    for name, shard in (("pipe_refit_dp", None), ("pipe_refit_fsdp", "fsdp")):
+        model = tiny_model(seed=0, layers=2)
+        r = pipeline.prune_model(model, tokens, shard=shard, refit="ls", **PIPE)
+        result[name] = {"weights": model.state_dict(), "layers": r.stats["refit"]["layers"]}
     # more ranks than samples: one InputError before a checkpoint directory is made
     ck = os.path.join(workdir, f"too-few-ck-{distributed.rank()}")
     try:

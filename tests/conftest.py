@@ -169,3 +169,30 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 LargestTensor.biggest = max(LargestTensor.biggest, t.numel() * t.element_size())
         return out
+
+
+# The releases a run tested, printed with every summary that has a failure: a new upstream release that
+# breaks a test is then named by the failure itself (CI resolves the newest releases anew each run).
+TESTED_DISTRIBUTIONS = ("torch", "transformers", "triton", "peft", "accelerate", "gguf", "lm-eval", "torch-pruning",
+                        "kernels")
+
+
+def tested_versions() -> str:
+    import importlib.metadata
+
+    found = []
+    for name in TESTED_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def pytest_report_header(config):
+    return f"releases: {tested_versions()}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"failures above ran with: {tested_versions()}")

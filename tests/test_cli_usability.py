@@ -24,7 +24,7 @@ def subparsers():
 @pytest.mark.parametrize("command", ["prune", "eval", "finetune", "plan"])
 def test_every_option_has_help_and_shows_its_default(command):
     p = subparsers()[command]
-    shows_defaults = p.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    shows_defaults = issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     missing, no_default = [], []
     for a in p._actions:
         if isinstance(a, argparse._HelpAction):

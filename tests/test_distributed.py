@@ -33,15 +33,17 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def launches(workdir):
     """Both torchrun launches at once: the worker (op, pipeline and in-process CLI checks) and the real
-    `torchrun -m sdmprune prune` entry point."""
+    `torchrun -m sdmprune prune` entry point, started from the repository root as a user would (every rank
+    then has the root first on sys.path: nothing there may shadow an installed package)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    root_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     out = workdir / "result.pt"
     procs = {
         "worker": subprocess.Popen(TORCHRUN + [os.path.join(HERE, "_dist_worker.py"), str(out), str(workdir)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
         "cli": subprocess.Popen(TORCHRUN + ["-m", "sdmprune"] + worker.cli_args(
             str(workdir), str(workdir / "torchrun-cli"), "--save-scores", str(workdir / "torchrun-cli.st")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=root_env, cwd=os.path.dirname(HERE)),
     }
     done = {}
     for name, p in procs.items():
@@ -69,6 +71,25 @@ def single_process_prune():
 @pytest.fixture(scope="module")
 def single_process_hfprune():
     return pipeline.prune_model(tiny_model(seed=0, layers=2), worker.calib(), **worker.PIPE_HFPRUNE)
+
+
+@pytest.fixture(scope="module")
+def single_process_refit():
+    model = tiny_model(seed=0, layers=2)
+    r = pipeline.prune_model(model, worker.calib(), refit="ls", **worker.PIPE)
+    return {"weights": model.state_dict(), "layers": r.stats["refit"]["layers"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["pipe_refit_dp", "pipe_refit_fsdp"])
+def test_two_ranks_refit_like_one_process(launches, single_process_refit, mode):
+    """The refit's Grams are summed over the ranks before the solve: the same strengths chosen and the
+    same refit weights (float64 Grams; only the order of the sums differs)."""
+    got, want = launches[0][mode], single_process_refit
+    assert all(v["strength"] != "inf" for v in want["layers"].values())  # a refit, not the kept weights
+    assert {k: v["strength"] for k, v in got["layers"].items()} == {k: v["strength"] for k, v in want["layers"].items()}
+    for k, v in want["weights"].items():
+        torch.testing.assert_close(got["weights"][k], v, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

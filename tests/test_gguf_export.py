@@ -261,7 +261,7 @@ def test_refusals_and_overwrite_rules(tmp_path):
         write_pruned_gguf(src, keep, tmp_path, overwrite=True)
     # bad keep or type: refused before anything is written
     out = tmp_path / "pruned.gguf"
-    with pytest.raises(InputError, match="unknown GGUF tensor type"):
+    with pytest.raises(InputError, match="not a GGUF tensor type"):
         write_pruned_gguf(src, keep, out, down_type="Q9_9")
     for bad, why in (({0: torch.arange(64), 1: torch.arange(65)}, "non-uniform"),
                      ({0: torch.arange(WIDTH - 1, WIDTH + 1), 1: torch.arange(2)}, "outside"),
@@ -336,3 +336,43 @@ def test_prune_command_writes_the_gguf(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], lines
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype,written", [(Q.F32, "F32"), (Q.Q4_1, "Q4_1")])
+def test_prune_command_writes_the_refit_down_proj(tmp_path, capsys, qtype, written):
+    """`prune MODEL.gguf --refit ls --gguf OUT.gguf`: ffn_down is encoded from the refit weights (the saved
+    folder's down_proj), not sliced from the input's: exact for F32, within one Q4_1 step of its new
+    block; gate/up rows are still the input's bytes."""
+    from safetensors.torch import load_file
+
+    from sdmprune.cli import main
+
+    src = write_tiny_gguf(tmp_path / "src.gguf", qtype)
+    out = tmp_path / "pruned.gguf"
+    code = main(["prune", str(src), "--out", str(tmp_path / "hf"), "--width", "96", "--method", "magnitude",
+                 "--refit", "ls", "--calib", "self", "--samples", "4", "--seq-len", "16", "--gguf", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = json.loads((tmp_path / "hf" / "sdmprune.json").read_text())
+    assert report["stats"]["refit"]["layers"] and "refit:" in err
+    down = [g for g in report["gguf"]["mlp_tensors"] if g["tensor"] == "ffn_down.weight"]
+    assert down[0]["written_type"] == written and down[0]["method"].startswith("refit weights")
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    src_t = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    for t in gguf.GGUFReader(str(out)).tensors:
+        if ".ffn_down." in t.name:
+            i = int(t.name.split(".")[1])
+            want = weights[f"model.layers.{i}.mlp.down_proj.weight"].numpy()
+            sliced = gguf.quants.dequantize(src_t[t.name].data, src_t[t.name].tensor_type)[
+                :, report["kept_indices"][str(i)]]
+            assert not np.allclose(want, sliced, atol=1e-4)  # the refit changed the kept columns
+            got = gguf.quants.dequantize(t.data, t.tensor_type)
+            if written == "F32":
+                assert np.array_equal(got, want)
+            else:
+                blocks = want.reshape(HIDDEN, -1, 32)
+                step = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
+                assert np.all(np.abs(got.reshape(blocks.shape) - blocks) <= step + 1e-7), t.name
+        elif ".ffn_gate." in t.name:
+            assert t.tensor_type == src_t[t.name].tensor_type

@@ -219,8 +219,10 @@ def test_round_to_and_stage1_width_floor():
     x = calib(2, 10)
     r = prune_model(tiny_model("llama"), x, PruneConfig(ratio=0.2, round_to=16, engine="torch", progress=False))
     assert r.width % 16 == 0 and r.plan.rounding["width_before"] >= r.width
-    # stage1_keep below the target width: stage 1 keeps at least the target width
-    r = prune_model(tiny_model("llama"), x, PruneConfig(width=150, stage1_keep=0.5, engine="torch", progress=False))
+    # stage1_keep below the target width would leave stage 2 nothing to choose: refused before any pass
+    with pytest.raises(InputError, match="--stage1-keep 0.5 keeps 80 of 160 channels.*at least 0.938"):
+        prune_model(tiny_model("llama"), x, PruneConfig(width=150, stage1_keep=0.5, engine="torch", progress=False))
+    r = prune_model(tiny_model("llama"), x, PruneConfig(width=150, stage1_keep=0.938, engine="torch", progress=False))
     assert r.stage1_keep[0].numel() == 150 and r.width == 150
 
 

@@ -218,7 +218,8 @@ def test_atomic_output_dir_and_write_json_atomic(tmp_path):
         write_json_atomic(tmp / "r.json", {"x": torch.tensor(3), "inf": float("inf"), "p": tmp_path})
     data = json.loads((tmp_path / "a" / "b" / "r.json").read_text())
     assert data == {"x": 3, "inf": "Infinity", "p": str(tmp_path)}
-    assert json.loads((tmp_path / "a" / "b" / MANIFEST).read_text()) == ["r.json"]
+    listed = json.loads((tmp_path / "a" / "b" / MANIFEST).read_text())
+    assert list(listed) == ["r.json"] and listed["r.json"]["bytes"] == (tmp_path / "a" / "b" / "r.json").stat().st_size
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "bad.json", {"o": object()})
     assert not (tmp_path / "bad.json").exists() and os.listdir(tmp_path) == ["a"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -9,7 +10,7 @@ import os
 import sys
 from typing import Optional
 
-from ..errors import InputError
+from ..errors import InputError, user_code_error
 
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 
@@ -28,7 +29,33 @@ def device_options(p: argparse.ArgumentParser, dtype_default: Optional[str] = "a
 
 
 def progress_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars on stderr (the package's, and those of the libraries it runs: weight "
+                        "loading, GGUF de-quantizing, shard writing, lm-eval)")
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Inside, with ``enabled`` False, no progress bar is drawn: ours take ``progress=False``, but
+    transformers, its GGUF reader, huggingface_hub, datasets and lm-eval each draw their own, some
+    with no switch (transformers' GGUF de-quantizing, lm-eval's request loops), so every tqdm bar
+    created inside is made disabled. Restored on exit."""
+    if enabled:
+        yield
+        return
+    from tqdm import std
+
+    original = std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = quiet_init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original
 
 
 def verbose_option(p: argparse.ArgumentParser) -> None:
@@ -74,7 +101,7 @@ def import_plugins(specs) -> None:
             try:
                 loader.loader.exec_module(module)
             except Exception as exc:  # noqa: BLE001 - a user's module failing is one line
-                raise InputError(f"--plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+                raise user_code_error(f"--plugin {spec!r}: importing it", exc, path) from None
             sys.modules[name] = module
             continue
         if importlib.util.find_spec(spec) is None:
@@ -84,4 +111,5 @@ def import_plugins(specs) -> None:
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"--plugin {spec!r} failed to import: {type(exc).__name__}: {exc}") from None
+            raise user_code_error(f"--plugin {spec!r}: importing it", exc,
+                                  importlib.util.find_spec(spec).origin) from None

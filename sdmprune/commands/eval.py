@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import InputError
+from ..errors import InputError, require_extra
 from .common import at_least, device_options, model_argument, progress_option, warn_remote_code
 
 
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..data import resolve_source
-    from ..evaluate import resolve_tasks
+    from ..data import check_sources_against_model, eval_token_stream, resolve_source
+    from ..evaluate import perplexity_windows, resolve_tasks
     from ..loading import check_positions, default_dtype, resolve_device, resolve_model
     from ..storage.paths import check_output_file
 
@@ -47,6 +47,8 @@ def run(args) -> int:
     at_least(args.num_fewshot, 0, "--num-fewshot")
     if args.include_path and not args.tasks:
         raise InputError("--include-path names where --tasks come from: give --tasks too")
+    if args.tasks:
+        require_extra("lm_eval", "--tasks")
     json_path = None
     if args.json:
         inputs = [args.model] + ([args.ppl] if args.ppl and args.ppl != "self" else [])
@@ -56,9 +58,16 @@ def run(args) -> int:
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     if spec is not None:
         check_positions(source.config, args.seq_len)
+    tokenizer = check_sources_against_model(source, [("--ppl", spec)],
+                                            ["--tasks runs on text"] if args.tasks else ())
+    stream = None
+    if spec is not None and spec.kind != "self":  # tokenized now: a text shorter than one window is refused here
+        stream = eval_token_stream(spec, tokenizer, max_tokens=args.max_windows * args.seq_len
+                                   if args.max_windows else None, seed=args.seed, seq_len=args.seq_len)
+        perplexity_windows(stream[0].numel(), args.seq_len, args.max_windows)
     tasks = resolve_tasks(args.tasks, args.include_path) if args.tasks else None
     warn_remote_code(args)
-    results = run_eval(args, source, spec, tasks, default_dtype(args.dtype, device))
+    results = run_eval(args, source, spec, tasks, default_dtype(args.dtype, device), tokenizer, stream)
     if json_path is not None:
         from ..storage.paths import write_json_atomic
 
@@ -66,17 +75,21 @@ def run(args) -> int:
     return 0
 
 
-def run_eval(args, source, spec, tasks, dtype) -> dict:
+def run_eval(args, source, spec, tasks, dtype, tokenizer=None, stream=None) -> dict:
     """Load the model and evaluate it (the checked arguments of ``run``; ``tasks``: resolve_tasks's
-    (names, task manager) or None)."""
+    (names, task manager) or None; ``tokenizer``: the model's, loaded by the checks; ``stream``: the
+    perplexity tokens and their description, where they did not need the model)."""
     from ..evaluate import evaluate_tasks, perplexity_on_source
     from ..loading import load_model
 
-    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=args.device, source=source, tokenizer=tokenizer)
     results = {"model": args.model}
     if spec is not None:
-        ppl, _, desc = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows, args.batch_size,
-                                            seed=args.seed, progress=not args.no_progress)
+        tokens, desc = stream if stream is not None else (None, None)
+        ppl, _, sampled = perplexity_on_source(model, tokenizer, spec, args.seq_len, args.max_windows,
+                                               args.batch_size, seed=args.seed, tokens=tokens,
+                                               progress=not args.no_progress)
+        desc = desc if desc is not None else sampled
         results["perplexity"] = {**ppl.to_dict(), "data": desc}
         print(f"perplexity ({spec.raw}, {ppl.windows} windows of {args.seq_len}, {ppl.backend}): {float(ppl):.4f}")
     if tasks:

@@ -6,8 +6,10 @@ import argparse
 import json
 
 from ..errors import InputError
-from ..memory import BUILTIN_SHAPES, ENGINES, format_plan, largest_batch, parse_size, predict_peak_memory, resolve_shape
+from ..memory import (BUILTIN_SHAPES, ENGINES, GiB, format_plan, largest_batch, parse_size, predict_peak_memory,
+                      predict_refit_memory, resolve_shape)
 from ..scoring.taylor import OBJECTIVES
+from ..loading import check_positions
 from .common import at_least
 
 
@@ -27,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as prune --no-gradient-checkpointing")
     p.add_argument("--loss-chunk", type=int, default=None, metavar="ROWS", help="as prune --loss-chunk")
     p.add_argument("--offload-activations", action="store_true", help="as prune --offload-activations")
+    p.add_argument("--refit", choices=["none", "ls"], default="none",
+                   help="as prune --refit: also predict the refit stage (it runs after the scoring passes)")
+    p.add_argument("--width", type=int, default=None,
+                   help="kept MLP width for --refit (default: the full width, an upper bound)")
+    p.add_argument("--samples", type=int, default=1024, help="calibration windows per rank (--refit: host memory)")
     p.add_argument("--max-memory", default=None, help="budget per GPU, e.g. 16GiB: print the largest batch that fits")
     p.add_argument("--trust-remote-code", action="store_true", help="read a config that needs the model's own code")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
@@ -42,19 +49,36 @@ def run(args: argparse.Namespace) -> int:
     if args.offload and args.shard:
         raise InputError("--offload cpu and --shard fsdp are exclusive")
     shape = resolve_shape(args.model, trust_remote_code=args.trust_remote_code)
+    check_positions(shape, args.seq_len)  # as prune refuses it
     kw = dict(dtype=args.dtype, gpus=args.gpus, shard=args.shard, offload=args.offload, engine=args.engine,
               gradient_checkpointing=args.gradient_checkpointing, loss_token_chunk=args.loss_chunk,
               offload_activations=args.offload_activations, method=args.method)
+    at_least(args.width, 1, "--width")
+    at_least(args.samples, 1, "--samples")
+    if args.width is not None and args.refit == "none":
+        raise InputError("--width applies to --refit ls (the kept width the refit solves for)")
     pred = predict_peak_memory(shape, args.seq_len, args.batch_size, **kw)
     fit = largest_batch(shape, args.seq_len, budget, **kw) if budget is not None else None
+    refit = None
+    if args.refit == "ls":
+        refit = predict_refit_memory(shape, args.seq_len, args.batch_size, width=args.width, dtype=args.dtype,
+                                     gpus=args.gpus, shard=args.shard, offload=args.offload, samples=args.samples)
     if args.json:
         print(json.dumps({"model": shape.name, "parameters": shape.parameters, "method": args.method,
-                          "batch_size": args.batch_size,
-                          "seq_len": args.seq_len, "bytes": pred, "budget": budget, "largest_batch": fit}, indent=2))
+                          "batch_size": args.batch_size, "seq_len": args.seq_len, "bytes": pred,
+                          "refit_bytes": refit, "budget": budget, "largest_batch": fit}, indent=2))
         return 0
     desc = (f"method={args.method} gpus={args.gpus} shard={args.shard or 'none'} offload={args.offload or 'none'} "
             f"seq_len={args.seq_len} dtype={args.dtype} engine={args.engine} "
             f"checkpointing={'on' if args.gradient_checkpointing else 'off'}"
             + (" offload_activations=on" if args.offload_activations else ""))
     print(format_plan(shape, pred, args.batch_size, fit, budget, desc))
+    if refit is not None:
+        gib = lambda x: f"{x / GiB:8.2f} GiB"  # noqa: E731
+        print(f"refit stage (--refit ls, after the scoring passes; kept width {args.width or shape.intermediate_size}"
+              f"{'' if args.width else ', the upper bound'}):\n"
+              f"  weights             {gib(refit['weights'])}\n  Grams               {gib(refit['grams'])}\n"
+              f"  activations         {gib(refit['activations'])}\n  float64 solve       {gib(refit['solve'])}\n"
+              f"  runtime overhead    {gib(refit['overhead'])}\n  total               {gib(refit['total'])}\n"
+              f"host: calibration hidden states {gib(refit['host_stream'])}")
     return 0

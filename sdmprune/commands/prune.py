@@ -79,6 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows (default: all)")
     progress_option(p)
     verbose_option(p)
+    p.add_argument("--refit", choices=["none", "ls"], default="none",
+                   help="after selection, refit the kept down_proj columns in closed form on the calibration "
+                        "tokens (ls: least squares regularised toward the kept weights; its strength is chosen per "
+                        "layer on held-out calibration windows); see the README for when it helps")
+    p.add_argument("--refit-strength", type=float, default=None, metavar="S",
+                   help="with --refit ls: one fixed strength (relative to the mean diagonal of the Gram) instead "
+                        "of the per-layer choice")
     p.add_argument("--recover-steps", type=int, default=0, metavar="N",
                    help="after selection, N steps of distilled LoRA recovery on the masked model (one weight "
                         "copy; the adapters are merged before slicing)")
@@ -111,16 +118,19 @@ class PruneJob:
     scores_path: Optional[str]
     budget: Optional[dict]
     gguf_path: Optional[str] = None
+    tokenizer: Any = None  # the model's (None when it has none and no input is text)
+    resume_note: Optional[str] = None  # --resume with nothing to resume: said before the run starts
 
 
 def check_prune_arguments(args) -> PruneJob:
     """Every check that needs no model weights, in the order a user would fix them."""
-    from ..data import resolve_source
-    from ..loading import check_positions, default_dtype, resolve_device, resolve_model
+    from ..data import check_sources_against_model, resolve_source
+    from ..loading import check_positions, default_dtype, parse_dtype, resolve_device, resolve_model
     from ..memory import batch_size_for_memory
-    from ..models import meta_model_from_config
+    from ..models import find_gated_mlps, meta_model_from_config
     from ..storage.paths import WorkDir, check_output_dir, check_output_file
-    from ..pipeline import PruneConfig
+    from ..pipeline import PruneConfig, prune_settings, prune_state
+    from ..scoring.taylor import DISTILLING, resolve_engine, stage1_width
     from ..widths import plan_width
 
     import_plugins(args.plugin)
@@ -139,12 +149,18 @@ def check_prune_arguments(args) -> PruneJob:
                       seed=args.seed, round_to=args.round_to, checkpoint_every=args.checkpoint_every,
                       progress=not args.no_progress, shard=args.shard, offload=args.offload,
                       offload_device=str(device) if args.offload else None,
-                      offload_activations=args.offload_activations, **_recovery_options(args)).validate()
+                      offload_activations=args.offload_activations, refit=args.refit,
+                      refit_strength=args.refit_strength, **_recovery_options(args)).validate()
+    needs_calibration = method.needs_calibration or cfg.refit != "none"
+    if cfg.refit != "none":
+        from ..compensation import split_windows
+
+        split_windows(args.samples)  # some windows are held out: at least 2 samples
     if cfg.shard == "fsdp":
         from ..scale.sharding import require_process_group
 
         require_process_group()
-    if dist.world_size() > args.samples and method.needs_calibration:
+    if dist.world_size() > args.samples and needs_calibration:
         raise InputError(f"{dist.world_size()} ranks but only {args.samples} calibration samples "
                          "(--samples): every rank needs at least one")
 
@@ -155,11 +171,18 @@ def check_prune_arguments(args) -> PruneJob:
     if args.save_scores:
         scores_path = str(check_output_file(args.save_scores, args.overwrite, flag="--save-scores",
                                             inputs=[args.model, *data_inputs]))
+    for flag, path in (("--save-scores", scores_path),
+                       ("--gguf", args.gguf and os.path.abspath(os.path.expanduser(args.gguf)))):
+        if path and path.rstrip(os.sep) == out.rstrip(os.sep):
+            raise InputError(f"{flag} {path!r} is the --out folder; name a file inside or beside it")
     gguf_path = None
     if args.gguf_down_type and not args.gguf:
         raise InputError("--gguf-down-type applies to --gguf")
     if args.gguf:
         require_extra("gguf", "--gguf")
+        from ..storage.gguf_export import check_down_type
+
+        check_down_type(args.gguf_down_type)
         if cfg.recover_steps:
             raise InputError("--gguf slices the input GGUF's own weights; recovered (--recover-steps) weights would "
                              "not be in it: export the recovered model from the saved folder instead")
@@ -173,30 +196,51 @@ def check_prune_arguments(args) -> PruneJob:
             raise InputError(f"--work-dir {str(work.path)!r} lies inside --out; name a folder beside it")
 
     # data sources (local files are read and checked here) and the model's config
-    calib = resolve_source(args.calib, "calibration", args.text_field) if method.needs_calibration else None
+    calib = resolve_source(args.calib, "calibration", args.text_field) if needs_calibration else None
     eval_spec = resolve_source(args.eval_ppl, "evaluation", args.text_field) if args.eval_ppl else None
+    recover_text = args.recover_data not in (None, "self") and cfg.recover_steps
+    if recover_text:
+        from ..recovery.sft_data import check_source
+
+        check_source(args.recover_data)  # read and checked now, not after the scoring
     source = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     if gguf_path is not None and source.kind != "gguf":
         raise InputError(f"--gguf writes a GGUF of a GGUF input; {args.model!r} is not a .gguf model")
-    if method.needs_calibration:
+    if needs_calibration:
         check_positions(source.config, args.seq_len)
     if eval_spec is not None:
         check_positions(source.config, args.eval_seq_len or args.seq_len, "--eval-seq-len"
                         if args.eval_seq_len else "--seq-len")
-    plan = plan_width(meta_model_from_config(source.config, args.trust_remote_code), cfg.ratio, cfg.width,
-                      cfg.round_to)
+    if cfg.recover_steps:
+        check_positions(source.config, cfg.recover_config.seq_len,
+                        "--recover-seq-len" if args.recover_seq_len else "--seq-len")
+    tokenizer = check_sources_against_model(source, [("--calib", calib), ("--eval-ppl", eval_spec)],
+                                            [f"--recover-data {args.recover_data!r} is text"] if recover_text else ())
+    meta = meta_model_from_config(source.config, args.trust_remote_code)
+    plan = plan_width(meta, cfg.ratio, cfg.width, cfg.round_to)
+    if cfg.method in DISTILLING:
+        stage1_width(cfg, plan)
+    engine = resolve_engine(cfg.engine, device, method)[0] if method.gradient else "none"
     budget = None
     if args.max_memory is not None:
         if not method.gradient:
             raise InputError(f"--max-memory sizes the batch of the gradient passes; method {cfg.method!r} has none")
         if args.batch_size is not None:
             raise InputError("--batch-size and --max-memory exclude each other (--max-memory picks the batch size)")
-        from ..scoring.taylor import resolve_engine
-
-        engine, _ = resolve_engine(cfg.engine, device, method)
         cfg.batch_size, budget = batch_size_for_memory(source.config, cfg, engine, args.seq_len, args.max_memory,
-                                                       args.samples, dtype)
-    return PruneJob(cfg, out, device, dtype, calib, eval_spec, source, plan, work, scores_path, budget, gguf_path)
+                                                       args.samples, dtype, width=plan.width)
+    # --resume: the settings are compared now; the weights and calibration digests once they exist
+    resume_note = None
+    if args.resume and work is None:
+        what = f"method {cfg.method!r}" if not method.gradient else f"engine {engine!r}"
+        resume_note = f"--resume: {what} keeps no checkpoint; starting from the beginning"
+    elif args.resume:
+        settings = prune_settings(cfg, engine, parse_dtype(dtype), device.type,
+                                  {m.index: m.width for m in find_gated_mlps(meta)})
+        if not prune_state(work, settings).check_settings():
+            resume_note = f"--resume: no checkpoint in {str(work.path)!r}; starting from the beginning"
+    return PruneJob(cfg, out, device, dtype, calib, eval_spec, source, plan, work, scores_path, budget, gguf_path,
+                    tokenizer, resume_note)
 
 
 def _recovery_options(args) -> dict:
@@ -250,7 +294,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from ..evaluate import perplexity_on_source
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_model
     from ..scale.offload import maybe_stream_layers
     from ..pipeline import prune_model
     from ..storage.save import package_versions, save_pruned, save_scores
@@ -269,11 +313,22 @@ def _run(args) -> int:
                     "config": cfg.to_dict(), "dtype": job.dtype, "versions": package_versions()}
     if job.budget is not None:
         report["batch_size_from_max_memory"] = job.budget
+    if job.resume_note:
+        say(job.resume_note)
     # text calibration needs only the tokenizer: windows first, so a text too short fails before the load
-    tokenizer = load_tokenizer(source)
+    tokenizer = job.tokenizer
     tokens = None
     if job.calib is not None and job.calib.kind != "self":
         tokens = _calibrate(job, args, tokenizer, None, report)
+    ev_len = args.eval_seq_len or args.seq_len
+    ev_tokens = ev_desc = None
+    if job.eval_spec is not None and job.eval_spec.kind != "self":  # the same: a text too short fails now
+        from ..data import eval_token_stream
+        from ..evaluate import perplexity_windows
+
+        ev_tokens, ev_desc = eval_token_stream(job.eval_spec, tokenizer, seed=args.seed, seq_len=ev_len,
+                                               max_tokens=args.eval_windows * ev_len if args.eval_windows else None)
+        perplexity_windows(ev_tokens.numel(), ev_len, args.eval_windows)
     say(f"plan: width {plan.original_width} -> {plan.width} in {plan.num_layers} layers, "
         f"params {plan.params_before:,} -> {plan.params_after:,} ({plan.achieved_ratio:.2%} removed)"
         + (f"; rounded to a multiple of {plan.rounding['multiple']} (was {plan.rounding['width_before']})"
@@ -297,14 +352,12 @@ def _run(args) -> int:
     if tokens is not None:
         say(f"calibration: {tokens.shape[0]} x {tokens.shape[1]} tokens from {job.calib.describe()} "
             f"({report['calibration']['seconds']}s)")
-    ev_len = args.eval_seq_len or args.seq_len
-    ev_tokens = None
     progress = not args.no_progress
     if job.eval_spec is not None:  # every rank (keeps the ranks in step; only rank 0 reports)
         with maybe_stream_layers(model, device, streaming):
-            ppl, ev_tokens, ev_desc = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows,
-                                                           seed=args.seed, progress=progress and main)
-        report["eval"] = {"data": ev_desc, "before": ppl.to_dict()}
+            ppl, ev_tokens, sampled = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows,
+                                                           seed=args.seed, tokens=ev_tokens, progress=progress and main)
+        report["eval"] = {"data": ev_desc if ev_desc is not None else sampled, "before": ppl.to_dict()}
         say(f"perplexity before: {float(ppl):.3f} ({job.eval_spec.describe()}; {ppl.windows} windows of {ev_len}, "
             f"{ppl.backend})")
     if cfg.recover_data == "calibration":  # --recover-steps without --recover-data: the calibration windows
@@ -330,6 +383,11 @@ def _run(args) -> int:
     say(f"pruned: params {st['params_before']:,} -> {st['params_after']:,} "
         f"({1 - st['params_after'] / st['params_before']:.2%} removed) in {st['time_s']['total']:.1f}s, "
         f"engine {st['engine']}")
+    if st.get("refit"):
+        loss = st["refit"].get("held_out_loss") or {}
+        say(f"refit: down_proj kept columns, strength {st['refit']['strength']}"
+            + (f"; held-out reconstruction loss {loss['before']:.4f} -> {loss['after']:.4f} (mean over layers)"
+               if loss else "") + f" in {st['time_s']['refit']:.1f}s")
     if job.eval_spec is not None and main:  # only rank 0 reports it
         with maybe_stream_layers(model, device, streaming):
             ppl = perplexity_on_source(model, tokenizer, job.eval_spec, ev_len, args.eval_windows, tokens=ev_tokens,
@@ -345,20 +403,39 @@ def _run(args) -> int:
         "params_before": st["params_before"], "params_after": st["params_after"], "stats": st,
     })
     if main:
-        if job.gguf_path:  # before the folder, so that its report says how the GGUF was written
+        def write_gguf(path):  # before the report is written, so that it says how the GGUF was written
             from ..storage.gguf_export import write_pruned_gguf
 
-            report["gguf"] = write_pruned_gguf(source.describe(), result.keep, job.gguf_path,
-                                               overwrite=args.overwrite, down_type=args.gguf_down_type)
+            refit = None
+            if cfg.refit != "none":  # ffn_down from the refit weights, not the input's own
+                from ..models import find_gated_mlps
+
+                refit = {m.index: m.down.weight.detach() for m in find_gated_mlps(model)}
+            report["gguf"] = write_pruned_gguf(source.describe(), result.keep, path,
+                                               overwrite=args.overwrite, down_type=args.gguf_down_type,
+                                               down_weights=refit)
+            report["gguf"]["path"] = job.gguf_path  # where it ends up (``path`` may be inside OUT's temporary folder)
+
+        def write_scores(path):
+            save_scores(path, result, overwrite=args.overwrite)
+
+        # a file asked for inside OUT is written into the output before it is renamed into place, so that
+        # OUT's manifest lists it (and a later --overwrite of OUT replaces it)
+        side = [(p, write) for p, write in ((job.gguf_path, write_gguf), (job.scores_path, write_scores)) if p]
+        inside = [(p, write) for p, write in side if p.startswith(job.out + os.sep)]
+        if job.gguf_path and (job.gguf_path, write_gguf) not in inside:
+            write_gguf(job.gguf_path)
+        data_inputs = [s for s in (args.calib, args.eval_ppl, args.recover_data) if s and s != "self"]
+        save_pruned(model, tokenizer, job.out, report, overwrite=args.overwrite,
+                    inputs=[args.model, *data_inputs, args.work_dir],
+                    also=lambda folder: [write(folder / os.path.relpath(p, job.out)) for p, write in inside])
+        if job.scores_path and (job.scores_path, write_scores) not in inside:
+            write_scores(job.scores_path)
+        if job.gguf_path:
             types = ", ".join(f"{k} x{v}" for k, v in report["gguf"].get("tensor_types", {}).items())
             say(f"GGUF: {job.gguf_path} ({types})")
             if report["gguf"].get("fallbacks"):
                 say(f"GGUF: written as F16 instead of the input's type: {report['gguf']['fallbacks']}")
-        data_inputs = [s for s in (args.calib, args.eval_ppl, args.recover_data) if s and s != "self"]
-        save_pruned(model, tokenizer, job.out, report, overwrite=args.overwrite,
-                    inputs=[args.model, *data_inputs, args.work_dir])
-        if job.scores_path:
-            save_scores(job.scores_path, result, overwrite=args.overwrite)
         say(f"saved {job.out}" + (f" and {job.scores_path}" if job.scores_path else ""))
         line = (f"summary: parameters {st['params_before']:,} -> {st['params_after']:,} "
                 f"({1 - st['params_after'] / st['params_before']:.2%} removed; MLP width {plan.original_width} -> "

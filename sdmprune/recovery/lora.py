@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Dict, List
 
+from torch import nn
+
 from ..errors import InputError, require_extra
 
 LORA_TARGETS = {
@@ -25,17 +27,27 @@ def lora_targets(spec: str) -> List[str]:
     return names
 
 
+def check_lora_targets(model, spec: str) -> List[str]:
+    """The module names ``--targets`` asks for, each of which ``model`` has (a built model, or one on the
+    meta device from its config, so this runs before any weight is loaded); InputError naming the others."""
+    targets = lora_targets(spec)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+                        - {"lm_head"})
+        raise InputError(f"--targets: the model has no module named {', '.join(missing)} (its linear modules: "
+                         f"{', '.join(linear)})")
+    return targets
+
+
 def apply_lora(model, cfg):
     """Inject LoRA adapters (``cfg``: lora_r, lora_alpha, lora_dropout, targets) into ``model``; returns the
     peft model around it."""
     require_extra("peft", "LoRA adapters")
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_targets(cfg.targets)
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise InputError(f"--targets: the model has no module named {', '.join(missing)}")
+    targets = check_lora_targets(model, cfg.targets)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .lora import apply_lora, base_storage_pointers, lora_targets, unwrap_peft_attrs
+from .lora import apply_lora, base_storage_pointers, check_lora_targets, lora_targets, unwrap_peft_attrs
 from ..models import ChannelMasks, get_adapter, set_activation_checkpointing
 from ..storage.paths import REPORT_NAME, WorkDir, atomic_output_dir, check_output_dir, write_json_atomic
 from ..storage.save import package_versions
@@ -115,31 +115,40 @@ class FinetuneConfig:
 # validation
 
 
-def _validate(cfg: FinetuneConfig) -> None:
+# the FinetuneConfig fields ``prune --recover-steps`` sets, as its command line names them
+RECOVERY_FLAGS = {"lr": "--recover-lr", "seq_len": "--recover-seq-len"}
+
+
+def _validate(cfg: FinetuneConfig, flags: Optional[Dict[str, str]] = None) -> None:
+    """InputError for any option out of range, named as the command line names it (``flags``: field ->
+    flag where that is not ``--field-name``, e.g. RECOVERY_FLAGS)."""
+    def flag(name):
+        return (flags or {}).get(name, f"--{name.replace('_', '-')}")
+
     if cfg.method not in ("lora", "full"):
         raise InputError(f"method must be 'lora' or 'full', got {cfg.method!r}")
-    checks = [
-        (cfg.lora_r >= 1, f"--lora-r must be >= 1, got {cfg.lora_r}"),
-        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
-        (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
-        (0 <= cfg.alpha <= 1, f"--alpha must be in [0, 1], got {cfg.alpha}"),
-        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
-        (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
-        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
-        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
-        (cfg.grad_accum is None or cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
-        (cfg.seq_len is None or cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}"),
-        (cfg.save_every >= 0, f"--save-every must be >= 0, got {cfg.save_every}"),
-        (cfg.eval_windows >= 1, f"--eval-windows must be at least 1, got {cfg.eval_windows}"),
-        (cfg.eval_seq_len >= 2, f"--eval-seq-len must be >= 2, got {cfg.eval_seq_len}"),
-        (cfg.self_samples >= 1, f"--self-samples must be >= 1, got {cfg.self_samples}"),
-    ]
     for name in ("lora_dropout", "alpha", "temperature", "epochs", "lr", "weight_decay", "max_grad_norm"):
         value = float(getattr(cfg, name))
         if not math.isfinite(value):
-            raise InputError(f"--{name.replace('_', '-')} {value} is not a finite number")
+            raise InputError(f"{flag(name)} {value} is not a finite number")
+    checks = [
+        (cfg.lora_r >= 1, f"{flag('lora_r')} must be >= 1, got {cfg.lora_r}"),
+        (cfg.lora_alpha > 0, f"{flag('lora_alpha')} must be > 0, got {cfg.lora_alpha}"),
+        (0 <= cfg.lora_dropout < 1, f"{flag('lora_dropout')} must be in [0, 1), got {cfg.lora_dropout}"),
+        (0 <= cfg.alpha <= 1, f"{flag('alpha')} must be in [0, 1], got {cfg.alpha}"),
+        (cfg.temperature > 0, f"{flag('temperature')} must be > 0, got {cfg.temperature}"),
+        (cfg.epochs > 0, f"{flag('epochs')} must be > 0, got {cfg.epochs}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"{flag('max_steps')} must be >= 1, got {cfg.max_steps}"),
+        (cfg.lr > 0, f"{flag('lr')} must be > 0, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"{flag('weight_decay')} must be >= 0, got {cfg.weight_decay}"),
+        (cfg.batch_size >= 1, f"{flag('batch_size')} must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum is None or cfg.grad_accum >= 1, f"{flag('grad_accum')} must be >= 1, got {cfg.grad_accum}"),
+        (cfg.seq_len is None or cfg.seq_len >= 2, f"{flag('seq_len')} must be >= 2, got {cfg.seq_len}"),
+        (cfg.save_every >= 0, f"{flag('save_every')} must be >= 0, got {cfg.save_every}"),
+        (cfg.eval_windows >= 1, f"{flag('eval_windows')} must be at least 1, got {cfg.eval_windows}"),
+        (cfg.eval_seq_len >= 2, f"{flag('eval_seq_len')} must be >= 2, got {cfg.eval_seq_len}"),
+        (cfg.self_samples >= 1, f"{flag('self_samples')} must be >= 1, got {cfg.self_samples}"),
+    ]
     for ok, msg in checks:
         if not ok:
             raise InputError(msg)
@@ -152,15 +161,15 @@ def _validate(cfg: FinetuneConfig) -> None:
     lora_targets(cfg.targets)
 
 
-def resolve_seq_len(cfg: FinetuneConfig, model) -> int:  # model or config
-    """cfg.seq_len, or min(4096, max positions); past the model's positions is an InputError."""
+def resolve_seq_len(cfg: FinetuneConfig, model, flag: str = "--seq-len") -> int:  # model or config
+    """cfg.seq_len, or min(4096, max positions); past the model's positions is an InputError naming ``flag``."""
     from ..loading import check_positions
 
     config = getattr(model, "config", model)
     max_pos = getattr(config, "max_position_embeddings", None)
     if cfg.seq_len is None:
         return min(DEFAULT_SEQ_LEN, max_pos) if max_pos else DEFAULT_SEQ_LEN
-    check_positions(config, cfg.seq_len)
+    check_positions(config, cfg.seq_len, flag)
     return int(cfg.seq_len)
 
 
@@ -188,7 +197,7 @@ def _model_dir_report(spec) -> Optional[dict]:
 
 
 def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="self", steps: int = 100,
-                    cfg: Optional[FinetuneConfig] = None, *, config=None) -> dict:
+                    cfg: Optional[FinetuneConfig] = None, *, config=None, unrefit_columns=None) -> dict:
     """Distilled LoRA recovery of the masked student on ONE copy of the weights, merged in place.
 
     model: the unpruned HF model (not sliced yet; any dtype/device); keep: {layer: LongTensor of
@@ -202,6 +211,8 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     adapters disabled, no_grad. After training the adapters are merged into the base weights
     in place and the mask hooks removed, so ``prune_model_(model, keep)`` then gives the recovered
     pruned model. No base weight storage is copied. Returns stats (steps, losses, tokens, timings).
+    ``unrefit_columns``: after a refit of the kept down_proj columns (sdmprune.compensation), the columns
+    they replaced ({layer: [d, k]}), so the teacher is still the unpruned model (models.ChannelMasks).
     """
     if cfg is None and config is not None:
         cfg = config if isinstance(config, FinetuneConfig) else getattr(config, "recover_config", None)
@@ -210,8 +221,8 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     cfg = cfg or FinetuneConfig()
     if steps is None or int(steps) < 1:
         raise InputError(f"recovery steps must be >= 1, got {steps}")
-    _validate_lora_only(cfg)
-    seq_len = resolve_seq_len(cfg, model)
+    check_recovery_config(cfg)
+    seq_len = resolve_seq_len(cfg, model, RECOVERY_FLAGS["seq_len"])
     if isinstance(data, Rows):
         rows = data
     elif torch.is_tensor(data):
@@ -234,7 +245,7 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     adapter = get_adapter(model)
-    masks = ChannelMasks(model, keep)
+    masks = ChannelMasks(model, keep, unrefit_columns)
     peft_model = apply_lora(model, cfg)
     masks.install()
     during = None
@@ -271,9 +282,11 @@ def recover_masked_(model, keep: Dict[int, torch.Tensor], tokenizer=None, data="
     return stats
 
 
-def _validate_lora_only(cfg: FinetuneConfig) -> None:
+def check_recovery_config(cfg: FinetuneConfig) -> None:
+    """The checks of the options of a recovery before slicing (``prune --recover-steps``), named as prune's
+    command line names them; the options that recovery does not use (method, teacher, merge) are not checked."""
     c = FinetuneConfig(**{**asdict(cfg), "method": "lora", "teacher": None, "distill": False, "merge": False})
-    _validate(c)
+    _validate(c, RECOVERY_FLAGS)
 
 
 def _pad_id(tokenizer, model=None) -> int:
@@ -308,7 +321,11 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     beside the student; recover_masked_ (pipeline --recover-steps) avoids it by recovering before
     slicing on one copy.
     """
-    from ..loading import default_dtype, load_model, resolve_device, resolve_model
+    from ..data import check_sources_against_model, resolve_source
+    from ..loading import check_positions, default_dtype, load_model, parse_dtype, resolve_device, resolve_model
+    from ..models import meta_model_from_config
+    from ..storage.run_state import RunState
+    from .trainer import CHECKPOINT_FILE, finetune_settings
 
     cfg = cfg or FinetuneConfig()
     _validate(cfg)
@@ -337,9 +354,25 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     if t_src is not None and src is not None:
         sc, tc = src.config, t_src.config
         _check_teacher_shapes(sc, tc)
+    check_source(data)
+    if str(data) == "self" and base_report is not None and not (cfg.distill and (teacher is not None or cfg.teacher)):
+        raise InputError(f"--data self samples from the unpruned model, and {model_spec} is a pruned model (it has "
+                         f"{REPORT_NAME}): pass --distill --teacher ORIG, or give a data file")
+    eval_spec = resolve_source(cfg.eval_ppl, "evaluation") if cfg.eval_ppl else None
     if src is not None:
         resolve_seq_len(cfg, src.config)
-    check_source(data)
+        if eval_spec is not None:
+            check_positions(src.config, cfg.eval_seq_len, "--eval-seq-len")
+        if cfg.method == "lora":
+            check_lora_targets(meta_model_from_config(src.config, cfg.trust_remote_code), cfg.targets)
+        tokenizer = check_sources_against_model(src, [("--eval-ppl", eval_spec)],
+                                                [f"--data {str(data)!r} is text"] if str(data) != "self" else (),
+                                                tokenizer=tokenizer)
+        if cfg.resume:  # the settings now; the weights and data digests once they are loaded (Trainer)
+            settings = finetune_settings(cfg, parse_dtype(dtype), device.type)
+            if not RunState(work, CHECKPOINT_FILE, settings).check_settings():
+                print(f"sdmprune finetune: --resume: no checkpoint in {work.path}; starting from the beginning",
+                      file=sys.stderr)
 
     # 2. model, tokenizer, sequence length
     t_load = time.perf_counter()
@@ -349,8 +382,7 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
             raise InputError("finetune(model, ...) with a model object needs tokenizer=")
         model.to(device)
     else:
-        model, tok = load_model(model_spec, dtype=dtype, device=device, source=src, need_tokenizer=tokenizer is None)
-        tokenizer = tokenizer or tok
+        model, tokenizer = load_model(model_spec, dtype=dtype, device=device, source=src, tokenizer=tokenizer)
     seq_len = resolve_seq_len(cfg, model)
     if teacher is not None:
         _check_teacher_shapes(model.config, teacher.config)
@@ -392,8 +424,8 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
         if trainer.load_checkpoint():
             resumed_from = trainer.step
             print(f"sdmprune finetune: resuming at step {trainer.step}/{total} from {ckpt}", file=sys.stderr)
-        else:
-            print(f"sdmprune finetune: no checkpoint at {ckpt}; starting from the beginning", file=sys.stderr)
+        elif is_module:  # a model given as an object: its settings were not compared before
+            print(f"sdmprune finetune: --resume: no checkpoint in {ckpt}; starting from the beginning", file=sys.stderr)
     else:
         trainer.state.discard()  # a fresh start: an earlier run's checkpoint is not resumed later by mistake
 
@@ -401,13 +433,13 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     evals, eval_tokens = {}, None
     if cfg.eval_ppl and resumed_from is None:
         with (peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()):
-            evals["before"], eval_tokens = _eval(model, adapter, tokenizer, cfg)
+            evals["before"], eval_tokens = _eval(model, adapter, tokenizer, cfg, source=eval_spec)
     trainer.run()
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()
     if cfg.eval_ppl:
-        evals["after"], _ = _eval(model, adapter, tokenizer, cfg, eval_tokens)
+        evals["after"], _ = _eval(model, adapter, tokenizer, cfg, eval_tokens, source=eval_spec)
     stats = trainer.stats()
 
     # 6. write atomically
@@ -447,11 +479,13 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int, max_windows: Optional[
     return {"perplexity": float(ppl), "nll": ppl.nll, "windows": ppl.windows, "seq_len": seq_len, "tokens": ppl.tokens}
 
 
-def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None) -> tuple:
+def _eval(model, adapter, tokenizer, cfg: FinetuneConfig, tokens=None, source=None) -> tuple:
+    """(perplexity dict, tokens) on ``source`` (the checked cfg.eval_ppl), or on ``tokens`` again."""
     from ..data import eval_token_stream
 
     if tokens is None:
-        tokens, desc = eval_token_stream(cfg.eval_ppl, tokenizer, model=model, seed=cfg.seed,
+        tokens, desc = eval_token_stream(source if source is not None else cfg.eval_ppl, tokenizer, model=model,
+                                         seed=cfg.seed,
                                          max_tokens=cfg.eval_windows * cfg.eval_seq_len,
                                          seq_len=cfg.eval_seq_len)
     out = perplexity(model, tokens, cfg.eval_seq_len, cfg.eval_windows)

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InputError
 from ..models import find_layer_ops, fused_layer_ops, get_adapter
+from ..scoring.objectives import head_loss, head_states
 from ..storage.paths import WorkDir
 from ..storage.run_state import RunState, weights_digest
 from .sft_data import IGNORE_INDEX, Rows
@@ -44,12 +45,6 @@ class Interrupted(RuntimeError):
     """Training stopped early on purpose (``stop_after``); the checkpoint is kept for --resume."""
 
 
-def _fused_loss():
-    from ..kernels.fused_linear_distill_loss import fused_linear_distill_loss
-
-    return fused_linear_distill_loss
-
-
 class Trainer:
     """Optimizer steps over packed rows with the fused loss; optional teacher; checkpoints.
 
@@ -61,7 +56,6 @@ class Trainer:
                  teacher_fn: Optional[Callable] = None, work: Optional[WorkDir] = None, desc: str = "finetune"):
         self.model, self.rows, self.cfg = model, rows, cfg
         self.adapter = adapter
-        self.body = adapter.body(model)
         self.head = adapter.lm_head(model)
         self.device = self.head.weight.device
         self.teacher_fn = teacher_fn
@@ -88,7 +82,6 @@ class Trainer:
         self.tokens = 0
         self.elapsed = 0.0
         self.activation_offload: Optional[dict] = None  # its counters, with cfg.offload_activations
-        self.fused = _fused_loss()
         # the norms and the rotary embedding run sdmprune's kernels during a step (models.fused_layer_ops;
         # the norms keep input and 1/rms instead of float32 copies: about 8 KiB less per token and layer
         # at d = 2048 without checkpointing); probed once here, not every step
@@ -109,13 +102,10 @@ class Trainer:
         return {"epoch": epoch, "batch_in_epoch": i, "steps_per_epoch": self.steps_per_epoch}
 
     def fingerprint(self) -> dict:
-        """What decides the trained weights, for resume: the recipe (options that change neither the math
-        nor the data order may differ), the data, the steps, the trainable parameters, and the model's
-        weights, dtype and device kind."""
-        free = {"save_every", "eval_ppl", "eval_windows", "eval_seq_len", "merge"}
-        fp = {f"--{k.replace('_', '-')}": v for k, v in self.cfg.recipe().items() if k not in free}
+        """What decides the trained weights, for resume: the settings (``finetune_settings``), then the
+        data, the steps, the trainable parameters and the model's weights."""
+        fp = finetune_settings(self.cfg, self.head.weight.dtype, self.device.type)
         fp.update({"data": self.rows.description, "steps": self.total, "trainable": [n for n, _ in self.params],
-                   "dtype": str(self.head.weight.dtype).replace("torch.", ""), "device": self.device.type,
                    "weights": weights_digest(self.model)})
         return fp
 
@@ -149,8 +139,7 @@ class Trainer:
     def _hidden(self, ids, pos):
         # use_cache=False matters: with a cache, transformers ignores the position-id restarts and
         # packed records would attend to each other.
-        h = self.body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-        return self.adapter.head_input(self.model, h)  # the model's own logit scale
+        return head_states(self.model, ids, position_ids=pos, adapter=self.adapter)  # the model's own logit scale
 
     def accumulate(self, idx: torch.Tensor) -> tuple:
         """Forward + backward of the rows ``idx`` (one optimizer step's worth) into .grad; returns
@@ -184,10 +173,10 @@ class Trainer:
                 h_t = h_t.reshape(-1, h_t.shape[-1])[sel_dev]
             h = self._hidden(ids, pos)
             h = h.reshape(-1, h.shape[-1])[sel_dev]
-            loss, ce, kl = self.fused(
-                h, self.head.weight, tgt[sel].to(self.device), h_t, teacher_weight=w_t,
-                alpha=(w_kl / scale) if distill else 0.0, temperature=cfg.temperature,
-                kl_mask=klm[sel].to(self.device) if distill else None, return_parts=True, backend=LOSS_BACKEND)
+            loss, ce, kl = head_loss(
+                h, self.head.weight, "distill" if distill else "ce", tgt[sel].to(self.device), h_t,
+                teacher_weight=w_t, alpha=(w_kl / scale) if distill else 0.0, temperature=cfg.temperature,
+                mask=klm[sel].to(self.device) if distill else None, return_parts=True, backend=LOSS_BACKEND)
             (loss * scale).backward()
             loss_sum += float(loss.detach()) * scale
             ce_sum += float(ce) * (m_ce / n_ce if n_ce else 0.0)
@@ -271,6 +260,17 @@ class Trainer:
         return out
 
 
+def finetune_settings(cfg, dtype: torch.dtype, device_type: str) -> dict:
+    """The part of a fine-tune's resume fingerprint that the arguments decide: the recipe (options that
+    change neither the math nor the data order may differ), the dtype and the device kind; ``finetune
+    --resume`` compares it before any weight is loaded (``RunState.check_settings``)."""
+    # the dtype as resolved is compared, not as asked ("auto", or None in the Python API, is bf16 or fp32)
+    free = {"save_every", "eval_ppl", "eval_windows", "eval_seq_len", "merge", "dtype"}
+    fp = {f"--{k.replace('_', '-')}": v for k, v in cfg.recipe().items() if k not in free}
+    fp.update({"dtype": str(dtype).replace("torch.", ""), "device": device_type})
+    return fp
+
+
 def total_steps(cfg, n_rows: int, steps: Optional[int] = None) -> int:
     if steps is not None:
         return int(steps)
@@ -282,14 +282,13 @@ def total_steps(cfg, n_rows: int, steps: Optional[int] = None) -> int:
 
 def self_teacher(model, peft_model, adapter, masks=None):
     """Teacher = the same weights, adapters disabled (and channel masks off): no second copy."""
-    body = adapter.body(model)
 
     def teacher(ids, pos):
         was_training = model.training
         model.eval()  # no dropout in the teacher pass
         try:
             with torch.no_grad(), peft_model.disable_adapter(), (masks.off() if masks else contextlib.nullcontext()):
-                h = adapter.head_input(model, body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state)
+                h = head_states(model, ids, position_ids=pos, adapter=adapter)
         finally:
             model.train(was_training)
         return h, None  # None: the LM head is shared
@@ -299,12 +298,12 @@ def self_teacher(model, peft_model, adapter, masks=None):
 
 def separate_teacher(teacher_model):
     adapter = get_adapter(teacher_model)
-    body, w_t = adapter.body(teacher_model), adapter.lm_head(teacher_model).weight
+    w_t = adapter.lm_head(teacher_model).weight
 
     def teacher(ids, pos):
         with torch.no_grad():
-            h = body(input_ids=ids.to(w_t.device), position_ids=pos.to(w_t.device), use_cache=False).last_hidden_state
-        return adapter.head_input(teacher_model, h).to(ids.device), w_t
+            h = head_states(teacher_model, ids.to(w_t.device), position_ids=pos.to(w_t.device), adapter=adapter)
+        return h.to(ids.device), w_t
 
     return teacher
 

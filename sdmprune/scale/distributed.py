@@ -48,19 +48,25 @@ def all_reduce_scores_(scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tenso
     for k in list(scores):
         if scores[k].dtype != torch.float32:
             scores[k] = scores[k].float()
-    if not _initialized() or world_size() == 1 or not scores:
-        return scores
-    keys = sorted(scores)
+    return all_reduce_sum_(scores)
+
+
+def all_reduce_sum_(tensors: Dict) -> Dict:
+    """Sum every rank's ``tensors`` in place ({key: tensor}, one dtype; kept as it is). No-op on one
+    process. All keys are flattened into one buffer, so there is a single collective per call."""
+    if not _initialized() or world_size() == 1 or not tensors:
+        return tensors
+    keys = sorted(tensors)
     backend = torch.distributed.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    flat = torch.cat([scores[k].reshape(-1).to(device) for k in keys])
+    flat = torch.cat([tensors[k].reshape(-1).to(device) for k in keys])
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     offset = 0
     for k in keys:
-        n = scores[k].numel()
-        scores[k] = flat[offset:offset + n].view_as(scores[k]).to(scores[k].device)
+        n = tensors[k].numel()
+        tensors[k] = flat[offset:offset + n].view_as(tensors[k]).to(tensors[k].device)
         offset += n
-    return scores
+    return tensors
 
 
 def broadcast_from_main(obj):

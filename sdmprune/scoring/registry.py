@@ -31,11 +31,11 @@ as for a built-in method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import InputError, SdmpruneError
+from ..errors import InputError, SdmpruneError, user_code_error
 from ..models import find_gated_mlps
 from .selection import ScoringRun, Selection, selection_from_scores, top_channels
 
@@ -81,10 +81,32 @@ def register_method(name: str, score_fn: Callable, *, needs_calibration: bool = 
         raise InputError(f"register_method({name!r}, ...): score_fn must be callable")
 
     def select(run: ScoringRun) -> Selection:
-        scores = score_fn(run.model, run.tokens, run.config)
+        try:
+            scores = score_fn(run.model, run.tokens, run.config)
+        except SdmpruneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's code failing is one line naming it, exit code 2
+            raise user_code_error(f"method {name!r} ({_defined_in(score_fn)})", exc, _source_file(score_fn)) from exc
         return selection_from_scores(_layer_scores(name, run.model, scores), run.plan.width)
 
     _add(Method(name, select, needs_calibration=bool(needs_calibration), description=f"registered: {score_fn!r}"))
+
+
+def _source_file(fn) -> Optional[str]:
+    """The file that defines ``fn`` (a function or a callable object), or None."""
+    import inspect
+
+    for obj in (fn, type(fn)):
+        try:
+            return inspect.getsourcefile(obj)
+        except TypeError:
+            continue
+    return None
+
+
+def _defined_in(fn) -> str:
+    where = _source_file(fn)
+    return f"{getattr(fn, '__qualname__', type(fn).__qualname__)} in {where}" if where else repr(fn)
 
 
 def unregister_method(name: str) -> None:

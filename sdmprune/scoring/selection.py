@@ -13,7 +13,7 @@ import torch
 
 from ..errors import SdmpruneError
 
-__all__ = ["ScoringRun", "Selection", "top_channels", "selection_from_scores"]
+__all__ = ["ScoringRun", "Selection", "channel_order", "top_channels", "selection_from_scores"]
 
 
 @dataclass
@@ -48,13 +48,18 @@ class ScoringRun:
 
 
 
-def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores, sorted ascending (ties: the lower index wins)."""
+def channel_order(scores: torch.Tensor) -> torch.Tensor:
+    """Every channel index [I] (int64, CPU), the best first: scores descending, ties to the lower index.
+    The one ranking rule of the package: ``top_channels`` keeps its first ``k``."""
     s = scores.detach().float().cpu()
     if torch.isnan(s).any():
         raise SdmpruneError("channel scores contain NaN (the loss or the model produced non-finite values)")
-    order = torch.argsort(s, descending=True, stable=True)[:k]
-    return order.sort().values
+    return torch.argsort(s, descending=True, stable=True)
+
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, sorted ascending (ties: the lower index wins)."""
+    return channel_order(scores)[:k].sort().values
 
 
 def selection_from_scores(scores: Dict[int, torch.Tensor], width: int) -> Selection:

@@ -25,6 +25,7 @@ shard of the samples, and the float32 scores are all-reduced before any ranking.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -64,8 +65,18 @@ def resolve_engine(engine: str, device: torch.device, method) -> tuple:
 
 
 def stage1_width(cfg, plan) -> int:
-    """Channels stage 1 keeps: ``stage1_keep`` of the width, never fewer than the target width."""
-    return max(int(cfg.stage1_keep * plan.original_width), plan.width)
+    """Channels stage 1 keeps: ``stage1_keep`` of the width. Fewer than the target width would leave
+    stage 2 nothing to choose (and the report a setting that did not hold): an InputError, raised before
+    any pass (taylor_selection, and prune's checks)."""
+    width = int(cfg.stage1_keep * plan.original_width)
+    if width < plan.width:
+        least = math.ceil(plan.width / plan.original_width * 1000) / 1000
+        while int(least * plan.original_width) < plan.width:  # float rounding in the product above
+            least = round(least + 0.001, 3)
+        raise InputError(f"--stage1-keep {cfg.stage1_keep} keeps {width} of {plan.original_width} channels in stage "
+                         f"1, fewer than the target width {plan.width}: stage 2 would choose nothing; give at least "
+                         f"{least:g} (1 lets stage 2 choose among all channels)")
+    return width
 
 
 OBJECTIVES = ("sdmprune", "taylor", "hfprune")
@@ -78,6 +89,8 @@ ACTIVATION_SCORED = ("hfprune",)
 def taylor_selection(run: ScoringRun, objective: str) -> Selection:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective in DISTILLING:
+        stage1_width(run.config, run.plan)  # before any pass
     if run.engine == "reference":
         if objective in ACTIVATION_SCORED:
             return _reference_hfprune(run)
@@ -191,15 +204,12 @@ class TeacherCache:
 # --------------------------------------------------------------------- lean engines (fused/torch)
 def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
     """Every stage of ``objective`` with one weight copy; resumable through ``run.state``."""
-    from sdmprune.kernels.fused_linear_distill_loss import fused_linear_distill_loss
-    from sdmprune.kernels.fused_linear_entropy_loss import fused_linear_entropy_loss
-
     from .importance import TaylorImportance
+    from .objectives import head_loss, head_states
 
     two_stage = objective in DISTILLING
     model, tokens, cfg, plan, stats = run.model, run.tokens, run.config, run.plan, run.stats
     adapter = get_adapter(model)
-    body = adapter.body(model)
     weight = adapter.lm_head(model).weight
     device = weight.device
     idx = dist.shard_indices(tokens.shape[0])
@@ -239,7 +249,7 @@ def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
         for bi in range(cursor, len(batches)):
             x = tokens_to(tokens[batches[bi]], device)
             # scaled to the model's own logits; cached teacher states are then scaled too
-            h = adapter.head_input(model, body(input_ids=x, use_cache=False).last_hidden_state)
+            h = head_states(model, x, adapter=adapter)
             (batch_loss(bi, x, h) * x.shape[0]).backward()  # sum of per-sample mean losses
             tick(bar, x.numel(), device)
             checkpoint(stage_no, bi + 1, imp)
@@ -251,20 +261,19 @@ def _lean_taylor(run: ScoringRun, objective: str) -> Selection:
     def ce_loss(bi, x, h):
         if teacher is not None:
             teacher.put(bi * B, h.detach())
-        return fused_linear_distill_loss(h.reshape(-1, d), weight, causal_labels(x).reshape(-1), None,
-                                         alpha=0.0, backend=run.backend, token_chunk=cfg.loss_token_chunk)
+        return head_loss(h.reshape(-1, d), weight, "ce", causal_labels(x).reshape(-1), backend=run.backend,
+                         token_chunk=cfg.loss_token_chunk)
 
     def entropy_loss(bi, x, h):
         # every window is one sample of equal length: the mean over the batch's rows times B (the
         # caller) is the sum of the per-sample means over their positions
-        return fused_linear_entropy_loss(h.reshape(-1, d), weight, None, backend=run.backend,
-                                         token_chunk=cfg.loss_token_chunk)
+        return head_loss(h.reshape(-1, d), weight, "entropy", backend=run.backend, token_chunk=cfg.loss_token_chunk)
 
     def distill_loss(bi, x, h):
         ht = teacher.get(bi * B, x.shape[0], device)
-        return fused_linear_distill_loss(h.reshape(-1, d), weight, causal_labels(x).reshape(-1),
-                                         ht.reshape(-1, d), alpha=cfg.alpha, temperature=cfg.temperature,
-                                         backend=run.backend, token_chunk=cfg.loss_token_chunk)
+        return head_loss(h.reshape(-1, d), weight, "distill", causal_labels(x).reshape(-1), ht.reshape(-1, d),
+                         alpha=cfg.alpha, temperature=cfg.temperature, backend=run.backend,
+                         token_chunk=cfg.loss_token_chunk)
 
     try:
         kind = "activation" if objective in ACTIVATION_SCORED else "weight"

@@ -22,7 +22,9 @@ sliced) and writes a copy in which every MLP keeps only the channels ``keep[laye
 Requantizing ffn_down adds a second quantization error on top of the input's (the kept channels of a
 row fall into new blocks with new scales); F16 adds only F16 rounding of the dequantized values.
 ``down_type`` chooses the type ffn_down is written in instead of its own (e.g. "F16", or "Q8_0", whose
-second rounding is about 16x finer than Q4_1's). Widths must be uniform: transformers reads one
+second rounding is about 16x finer than Q4_1's). ``down_weights`` (after ``--refit``, which changes the
+kept down_proj columns): ffn_down is encoded from these pruned weights instead of the input's sliced
+ones, by the same path (its own type, or ``down_type``, or the F16 fallback). Widths must be uniform: transformers reads one
 ``intermediate_size``.
 
 The file is written beside ``out`` and renamed into place (``sdmprune.storage.paths.atomic_write_file``) after
@@ -98,22 +100,26 @@ def _float_types(gguf):
     return (Q.F32, Q.F16, Q.BF16)
 
 
-def _slice_tensor(tensor, axis: int, idx: np.ndarray, gguf, target=None):
+def _slice_tensor(tensor, axis: int, idx: np.ndarray, gguf, target=None, values=None):
     """(array for GGUFWriter.add_tensor, raw_dtype, written type name, method, fallback reason or None,
     whether the array holds the file's own bytes). ``target``: the type to re-encode a tensor whose
-    channels lie inside its rows (default: its own type)."""
+    channels lie inside its rows (default: its own type); ``values``: the pruned float values to encode
+    instead of the tensor's own sliced ones (refit weights)."""
     qtype = tensor.tensor_type
     data = tensor.data
     if axis != data.ndim - 1 and data.ndim >= 2:
         # whole rows: the rows of a quantized tensor are independent, copy the kept ones as they are
         return (np.ascontiguousarray(np.take(data, idx, axis=axis)), qtype, qtype.name,
                 "kept rows copied byte for byte", None, True)
-    values = np.ascontiguousarray(np.take(_logical(tensor, gguf), idx, axis=axis))
+    source = "dequantized, channels sliced" if values is None else "refit weights"
+    if values is None:
+        values = np.take(_logical(tensor, gguf), idx, axis=axis)
+    values = np.ascontiguousarray(values, dtype=np.float32)
     target = qtype if target is None else target
     floats = _float_types(gguf)
     if target in floats:
-        how = ("channels sliced (exact)" if target == qtype else
-               f"dequantized, channels sliced, written as {target.name}")
+        how = ("channels sliced (exact)" if target == qtype and source.startswith("dequantized") else
+               f"{source}, written as {target.name}")
         return gguf.quants.quantize(values, target), target, target.name, how, None, False
     block = gguf.GGML_QUANT_SIZES[target][0]
     if values.shape[-1] % block:
@@ -122,13 +128,24 @@ def _slice_tensor(tensor, axis: int, idx: np.ndarray, gguf, target=None):
     else:
         try:
             packed = gguf.quants.quantize(values, target)
-            how = ("dequantized, channels sliced, requantized" if target == qtype else
-                   f"dequantized, channels sliced, quantized to {target.name}")
+            how = (f"{source}, requantized" if target == qtype else f"{source}, quantized to {target.name}")
             return packed, target, target.name, how, None, False
         except NotImplementedError:
             reason = f"gguf {_version(gguf)} cannot quantize {target.name} (it only dequantizes it)"
     return (values.astype(np.float16), gguf.GGMLQuantizationType.F16, FALLBACK_TYPE_NAME,
-            f"dequantized, channels sliced, written as {FALLBACK_TYPE_NAME}", reason, False)
+            f"{source}, written as {FALLBACK_TYPE_NAME}", reason, False)
+
+
+def _pruned_values(down_weights, layer: int, tensor, width: int):
+    """The given pruned ffn_down values of ``layer`` as float32 [d, width] (None: slice the input's)."""
+    if down_weights is None or layer not in down_weights:
+        return None
+    w = down_weights[layer]
+    w = w.detach().float().cpu().numpy() if hasattr(w, "detach") else np.asarray(w, dtype=np.float32)
+    expected = (int(tensor.shape[1]), width)  # GGUF lists ne0 (the channel axis) first: shape (I, d)
+    if tuple(w.shape) != expected:
+        raise InputError(f"{tensor.name}: the given pruned weights have shape {tuple(w.shape)}, expected {expected}")
+    return w
 
 
 def _type_named(name: Optional[str], gguf):
@@ -137,7 +154,13 @@ def _type_named(name: Optional[str], gguf):
     try:
         return gguf.GGMLQuantizationType[str(name).upper()]
     except KeyError:
-        raise InputError(f"unknown GGUF tensor type {name!r} for ffn_down (e.g. F16, F32, Q8_0, Q4_1)") from None
+        raise InputError(f"--gguf-down-type {name!r} is not a GGUF tensor type (e.g. F16, F32, Q8_0, Q4_1)") from None
+
+
+def check_down_type(name: Optional[str]) -> None:
+    """InputError unless ``name`` (``--gguf-down-type``) is a GGUF tensor type: checked before any work,
+    as ``write_pruned_gguf`` reads it."""
+    _type_named(name, _gguf())
 
 
 def _plan(reader, keep: Mapping[int, object], gguf):
@@ -202,13 +225,16 @@ def _plan(reader, keep: Mapping[int, object], gguf):
 
 
 def write_pruned_gguf(src_gguf_path: PathLike, keep: Mapping[int, object], out_path: PathLike, *,
-                      overwrite: bool = False, down_type: Optional[str] = None) -> dict:
+                      overwrite: bool = False, down_type: Optional[str] = None,
+                      down_weights: Optional[Mapping[int, object]] = None) -> dict:
     """Write the GGUF ``src_gguf_path`` with every MLP sliced to ``keep[layer]`` (sorted kept channel
     indices in the original numbering; a layer absent from ``keep`` keeps all) to ``out_path``.
 
     ``down_type``: the type ffn_down (the one MLP tensor that must be decoded and re-encoded) is written
     in, e.g. "F16" (no new error, larger file) or "Q8_0"; default: its own type (the same block-size
-    and can-quantize fallbacks to F16 apply to any quantized type asked for).
+    and can-quantize fallbacks to F16 apply to any quantized type asked for). ``down_weights``: {layer:
+    pruned down_proj weight [d, width]} (a torch tensor or array) to write as ffn_down instead of the
+    input's sliced tensor, e.g. after a refit of the kept columns.
 
     Returns a description for the report: the path, the tensor types written (counts), each MLP
     tensor group with its source and written type and how it was sliced, and the fallbacks to F16 with
@@ -246,9 +272,11 @@ def write_pruned_gguf(src_gguf_path: PathLike, keep: Mapping[int, object], out_p
             for t in reader.tensors:
                 if t.name in slices:
                     axis, idx = slices[t.name]
-                    data, raw, wname, how, why, from_file = _slice_tensor(
-                        t, axis, idx, gguf, target if ".ffn_down.weight" in t.name else None)
                     m = _MLP.match(t.name)
+                    down = t.name.endswith(".ffn_down.weight")
+                    values = _pruned_values(down_weights, int(m.group(1)), t, len(idx)) if down else None
+                    data, raw, wname, how, why, from_file = _slice_tensor(t, axis, idx, gguf, target if down else None,
+                                                                          values)
                     key = (f"ffn_{m.group(2)}.{m.group(3)}", t.tensor_type.name, wname, how, why)
                     groups.setdefault(key, []).append(int(m.group(1)))
                 else:

@@ -7,13 +7,15 @@ The ownership rule:
 
 * An output folder is written into a hidden temporary folder beside it (``.NAME.tmp-XXXX``, marked with
   ``PARTIAL_MARKER``) and renamed into place when complete; the last file written is ``MANIFEST``,
-  the list of every file the package put there. ``overwrite`` replaces an existing folder only when
-  it is such an earlier output and holds nothing else: a folder with a file the manifest does not
-  list, or without a manifest, is refused.
+  every file the package put there with its SHA-256, size and modification time. ``overwrite``
+  replaces an existing folder only when it is such an earlier output, holds nothing else, and none of
+  its files was changed since it was written: a folder with a file the manifest does not list, a file
+  whose content no longer matches its digest, or no manifest, is refused.
 * Never replaced, with or without ``overwrite``: the current folder or any folder above it, an input
   (the model, the data, ...) or any folder above an input, a file where a folder is expected.
 * A single file is replaced only when it carries the package's mark (``WRITTEN_BY`` in a JSON
-  object, or in the metadata of a safetensors or GGUF file).
+  object, or in the metadata of a safetensors or GGUF file); a JSON file also carries the digest of
+  its content (``CONTENT_DIGEST``) and is refused once it was edited.
 * A hidden temporary folder of an earlier run that was killed (its marker names a process that no
   longer runs on this host) is removed at the next run for the same output; one without the marker
   is never touched.
@@ -29,6 +31,7 @@ Outputs get the user's umask (``0644`` files and ``0755`` folders under the usua
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -49,6 +52,7 @@ MANIFEST = ".sdmprune-files"  # JSON list of the files an output folder holds, w
 PARTIAL_MARKER = ".sdmprune-partial"  # inside a temporary folder: {"pid", "host"} of the writing process
 WRITTEN_BY = "written_by"  # key (JSON) or metadata field (safetensors) marking a file of the package
 GGUF_MARK_KEY = f"sdmprune.{WRITTEN_BY}"  # the same mark as a GGUF metadata key
+CONTENT_DIGEST = "content_sha256"  # beside WRITTEN_BY in a JSON file: the SHA-256 of its other keys (json_digest)
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,19 +124,65 @@ def _listing(folder: Path) -> set:
     return out
 
 
-def _manifest(folder: Path) -> Optional[set]:
+def file_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_entries(folder: Path) -> dict:
+    """What MANIFEST records of ``folder``: every file with its digest, size and modification time (the
+    time lets a later check skip re-reading an unchanged file), every sub-folder as None."""
+    out = {}
+    for rel in sorted(_listing(folder)):
+        p = folder / rel
+        if p.is_dir():
+            out[rel] = None
+        else:
+            st = p.stat()
+            out[rel] = {"sha256": file_digest(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
+def _manifest(folder: Path) -> Optional[dict]:
+    """{path: entry} of ``folder``'s MANIFEST (an entry without a digest for a folder, or for the bare list
+    an earlier version wrote), or None when there is none."""
     try:
         data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return set(data) if isinstance(data, list) else None
+    if isinstance(data, list):
+        return {str(rel): None for rel in data}
+    return data if isinstance(data, dict) else None
+
+
+def _changed_files(folder: Path, listed: dict) -> list:
+    """The files of ``folder`` whose content differs from the digest MANIFEST holds (a file with its
+    recorded size and modification time is taken as unchanged without reading it)."""
+    changed = []
+    for rel, entry in sorted(listed.items()):
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            continue
+        p = folder / rel
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue  # removed since: nothing of the user's is lost by replacing the folder
+        if not p.is_file() or st.st_size != entry.get("bytes"):
+            changed.append(rel)
+        elif st.st_mtime_ns != entry.get("mtime_ns") and file_digest(p) != entry["sha256"]:
+            changed.append(rel)
+    return changed
 
 
 def is_package_output(folder: PathLike) -> bool:
     """True when ``folder`` is an output of this package holding nothing else (see the module docstring)."""
     folder = Path(folder)
     listed = _manifest(folder)
-    return listed is not None and _listing(folder) <= listed | {MANIFEST}
+    return listed is not None and _listing(folder) <= set(listed) | {MANIFEST}
 
 
 def check_output_dir(out: PathLike, overwrite: bool = False, *, flag: str = "--out",
@@ -148,11 +198,17 @@ def check_output_dir(out: PathLike, overwrite: bool = False, *, flag: str = "--o
     _check_place(path, flag)
     if path.is_dir() and any(path.iterdir()):
         if not is_package_output(path):
-            extra = sorted(_listing(path) - (_manifest(path) or set()) - {MANIFEST})
+            extra = sorted(_listing(path) - set(_manifest(path) or ()) - {MANIFEST})
             what = f"it holds {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") \
                 if _manifest(path) is not None else "it is not an earlier sdmprune output"
             raise InputError(f"{flag} {str(path)!r} exists and is not written by sdmprune ({what}); "
                              "it is never replaced: choose another folder")
+        changed = _changed_files(path, _manifest(path))
+        if changed:
+            raise InputError(f"{flag} {str(path)!r} is an earlier sdmprune output, but {changed[0]!r}"
+                             + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                             + " changed after sdmprune wrote it; it is never replaced: keep your changes elsewhere "
+                             "and remove the folder yourself, or choose another folder")
         if not overwrite:
             raise InputError(f"{flag} {str(path)!r} holds an earlier output (use --overwrite to replace it)")
     return path
@@ -185,6 +241,24 @@ def _package_mark(path: Path) -> bool:
         return False
 
 
+def json_digest(obj: dict) -> str:
+    """SHA-256 of a JSON object without its CONTENT_DIGEST key, in canonical form (sorted keys, no
+    spaces), so re-indenting a file does not count as changing it."""
+    rest = {k: v for k, v in obj.items() if k != CONTENT_DIGEST}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _edited_json(path: Path) -> bool:
+    """True when ``path`` is a JSON object carrying CONTENT_DIGEST that no longer matches its content."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except Exception:  # noqa: BLE001 - not JSON (a safetensors or GGUF file): its mark is checked elsewhere
+        return False
+    return isinstance(data, dict) and CONTENT_DIGEST in data and data[CONTENT_DIGEST] != json_digest(data)
+
+
 def check_output_file(out: PathLike, overwrite: bool = False, *, flag: str,
                       inputs: Sequence[Optional[PathLike]] = ()) -> Path:
     """The absolute output file ``out`` after the ownership rule's checks for files (InputError otherwise)."""
@@ -199,6 +273,9 @@ def check_output_file(out: PathLike, overwrite: bool = False, *, flag: str,
     if path.exists():
         if not _package_mark(path):
             raise InputError(f"{flag} {str(path)!r} exists and is not written by sdmprune; it is never replaced")
+        if _edited_json(path):
+            raise InputError(f"{flag} {str(path)!r} was written by sdmprune but changed since; it is never "
+                             "replaced: keep your changes elsewhere and remove it yourself, or choose another path")
         if not overwrite:
             raise InputError(f"{flag} {str(path)!r} exists (use --overwrite to replace it)")
     return path
@@ -275,10 +352,9 @@ def atomic_output_dir(out_dir: PathLike, overwrite: bool = False, *, flag: str =
     try:
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()
-        listed = sorted(_listing(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(listed, indent=0) + "\n", encoding="utf-8")
-        for rel in listed:
+        for rel in _listing(tmp):
             _public_mode(tmp / rel, (tmp / rel).is_dir())
+        (tmp / MANIFEST).write_text(json.dumps(_manifest_entries(tmp), indent=1) + "\n", encoding="utf-8")
         _public_mode(tmp / MANIFEST, False)
         _public_mode(tmp, True)
         check_output_dir(out, overwrite, flag=flag, inputs=inputs)  # someone may have filled it meanwhile
@@ -361,9 +437,11 @@ def json_text(obj: Any) -> str:
 
 def write_json_atomic(path: PathLike, obj: Any, written_by: Optional[str] = None) -> None:
     """Write ``obj`` as strict JSON (``json_text``) to ``path`` atomically. ``written_by`` (e.g.
-    "sdmprune eval") adds the package's mark to a JSON object, so a later run may replace the file."""
+    "sdmprune eval") adds the package's mark to a JSON object, so a later run may replace the file, and
+    the digest of its content, so that a file edited since is not replaced."""
     if written_by is not None and isinstance(obj, dict):
-        obj = {WRITTEN_BY: written_by, **obj}
+        obj = json.loads(json_text({WRITTEN_BY: written_by, **obj}))
+        obj[CONTENT_DIGEST] = json_digest(obj)
     text = json_text(obj)
     with atomic_write_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -4,7 +4,9 @@ A checkpoint is kept in a work folder (``sdmprune.storage.paths.WorkDir``) and w
 the run's fingerprint: every setting that decides the result, the model's identity (a digest of its
 weights), its dtype and device kind, and a digest of the data. ``RunState.load`` refuses a checkpoint
 whose fingerprint differs, with one line naming what differs, so a resumed run never mixes two
-settings (for instance cached bf16 teacher states read back as float32). The RNG states (torch CPU,
+settings (for instance cached bf16 teacher states read back as float32). The part of a fingerprint
+that the arguments decide is compared before any weight is loaded (``RunState.check_settings``); the
+weights and data digests when the run has them (``load``). The RNG states (torch CPU,
 CUDA when it is in use, Python's ``random``) are captured with every checkpoint and restored on load.
 """
 from __future__ import annotations
@@ -96,30 +98,50 @@ class RunState:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def _read(self, mmap: bool = False) -> dict:
+        """The saved state (``mmap``: its tensors mapped, not read: cheap for a large checkpoint when only
+        the fingerprint is wanted); InputError when it cannot be read or has no fingerprint."""
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False, mmap=mmap)
+        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is one line
+            raise InputError(f"--resume: the checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}); "
+                             "drop --resume to start over") from None
+        if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
+            raise InputError(f"--resume: {str(self.path)!r} was written by another version of sdmprune; "
+                             "drop --resume to start over")
+        return state
+
+    def _compare(self, saved: dict, now: dict, only_now: bool) -> None:
+        """InputError naming every key whose value differs (``only_now``: the keys of ``now`` only, a part
+        of the fingerprint; else also keys only the checkpoint has)."""
+        keys = list(now) + ([] if only_now else [k for k in saved if k not in now])
+        diffs = []
+        for key in keys:
+            was, is_ = saved.get(key), now.get(key)
+            if was != is_:
+                if key in ("weights", "calibration", "data"):
+                    diffs.append(f"other {key}")
+                else:
+                    diffs.append(f"{key} {_show(was)} (now {_show(is_)})")
+        if diffs:
+            raise InputError(f"--resume: the checkpoint in {str(self.work.path)!r} was made with "
+                             f"{', '.join(diffs)}; rerun with the same settings, or drop --resume to start over")
+
+    def check_settings(self) -> bool:
+        """Before anything is loaded: compare the checkpoint with this state's fingerprint, which then
+        holds only the part the arguments decide (InputError naming what differs). False when there
+        is no checkpoint (the run starts from the beginning), True when there is one to resume."""
+        if not self.path.is_file():
+            return False
+        self._compare(self._read(mmap=True)["fingerprint"], self.fingerprint, only_now=True)
+        return True
+
     def load(self) -> Optional[dict]:
         """The saved state, or None when there is none. InputError when it belongs to another run."""
         if not self.path.is_file():
             return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is one line
-            raise InputError(f"--resume: the checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}); "
-                             "drop --resume to start over") from None
-        saved = state.get("fingerprint") if isinstance(state, dict) else None
-        if not isinstance(saved, dict):
-            raise InputError(f"--resume: {str(self.path)!r} was written by another version of sdmprune; "
-                             "drop --resume to start over")
-        diffs = []
-        for key in list(self.fingerprint) + [k for k in saved if k not in self.fingerprint]:
-            was, now = saved.get(key), self.fingerprint.get(key)
-            if was != now:
-                if key in ("weights", "calibration", "data"):
-                    diffs.append(f"other {key}")
-                else:
-                    diffs.append(f"{key} {_show(was)} (now {_show(now)})")
-        if diffs:
-            raise InputError(f"--resume: the checkpoint in {str(self.work.path)!r} was made with "
-                             f"{', '.join(diffs)}; rerun with the same settings, or drop --resume to start over")
+        state = self._read()
+        self._compare(state["fingerprint"], self.fingerprint, only_now=False)
         set_rng_state(state.get("rng"))
         return state
 

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -30,12 +30,14 @@ PathLike = Union[str, os.PathLike]
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dict, overwrite: bool = False,
-                inputs: Sequence[Optional[PathLike]] = ()) -> Path:
+                inputs: Sequence[Optional[PathLike]] = (), also: Optional[Callable[[Path], None]] = None) -> Path:
     """Write the pruned model (safetensors + config), the tokenizer (if not None) and ``sdmprune.json``.
 
     Atomic (see ``sdmprune.storage.paths.atomic_output_dir``); InputError for an existing output that is not an
     earlier output of the package, or one that is without ``overwrite``; ``inputs``: paths the output may
-    not replace (the input model...). Returns the output directory.
+    not replace (the input model...). ``also(folder)``: writes further files into the output (the
+    temporary folder, before the report is written, so it may add to ``report``); the manifest lists
+    them like every other file. Returns the output directory.
     """
     if not isinstance(report, dict):
         raise InputError(f"report must be a dict, got {type(report).__name__}")
@@ -47,6 +49,8 @@ def save_pruned(model: nn.Module, tokenizer: Any, out_dir: PathLike, report: dic
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if also is not None:
+            also(tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
         (tmp / "README.md").write_text(model_card(report, out.name), encoding="utf-8")
     return out
@@ -95,6 +99,9 @@ def model_card(report: dict, name: str) -> str:
                   f"{ev['before']['perplexity']:.3f} before pruning"
                   + (f", {ev['pruned']['perplexity']:.3f} after pruning, {ev['after']['perplexity']:.3f} after recovery."
                      if "pruned" in ev else f", {ev['after']['perplexity']:.3f} after."), ""]
+    refit = (report.get("stats") or {}).get("refit")
+    if refit:
+        lines += [refit_summary(refit), ""]
     if (report.get("stats") or {}).get("recover"):
         lines += [f"Recovered with {report['stats']['recover'].get('steps')} steps of LoRA (merged) before slicing.",
                   ""]
@@ -105,6 +112,18 @@ def model_card(report: dict, name: str) -> str:
               "peak memory and package versions" + (f" ({', '.join(f'{k} {v}' for k, v in report['versions'].items())})"
                                                      if report.get("versions") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def refit_summary(refit: dict) -> str:
+    """One line on the refit of the kept down_proj columns (sdmprune.compensation's report)."""
+    chosen = [v["strength"] for v in refit.get("layers", {}).values()]
+    counts = ", ".join(f"{s} in {chosen.count(s)} layers" for s in sorted(set(chosen), key=float))
+    loss = refit.get("held_out_loss") or {}
+    return (f"**Refit:** the kept `down_proj` columns were refit in closed form (least squares toward the kept "
+            f"weights) on {refit.get('fit_windows')} calibration windows; strength {refit.get('strength')}"
+            + (f" ({counts}; relative to the mean diagonal of the Gram)" if counts else "")
+            + (f"; reconstruction loss on {refit.get('held_out_windows')} held-out windows (relative, mean over "
+               f"layers) {loss['before']:.4f} before, {loss['after']:.4f} after." if loss else "."))
 
 
 @contextlib.contextmanager
