@@ -135,7 +135,7 @@ def rel_path(path) -> str:
 
 def data_name(path) -> str:
     if str(path) == "self":
-        return "text sampled from the unpruned model (multinomial, T=1, BOS start)"
+        return "domain-neutral"
     return DATA_NAMES.get(os.path.abspath(str(path)), f"the file {rel_path(path)}")
 
 

@@ -3,7 +3,7 @@
 Results are kept as data; these pages are generated from them, never edited by hand.
   python benchmarks/report.py                  # every results/*.json as markdown, to stdout
   python benchmarks/report.py --readme         # rewrite the block between the results markers in README.md
-  python benchmarks/report.py --plot           # redraw results/refit.png from results/refit.json (matplotlib)
+  python benchmarks/report.py --plot           # redraw results/refit.png from results/refit_recovery.json (matplotlib)
 Each JSON file is a dict; scalar fields (device, versions, ...) are listed, and every list of dicts
 becomes a table, except the files with their own page (RENDERERS: the quality method table, the
 HFPrune parity table), which quality.py also writes beside its JSON as it runs.
@@ -97,7 +97,7 @@ def _versions(v: dict) -> str:
 
 
 def _ratio(st: dict) -> str:
-    return f"{st['mean']:.2f}x"
+    return f"{st['mean']:.3f}x"
 
 
 def _recovery_line(rec: dict) -> str:
@@ -132,7 +132,11 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
     base = res["base"]["perplexity"]
     seeded = ", ".join(cal["seeded_methods"]) or "none"
     once = ", ".join(cal["first_seed_only"])
-    lines = [f"{h} Quality: {res['model']['spec']}, every method, before and after recovery", "",
+    refits = [v for v in res.get("refits", ["none"]) if v != "none"]
+    lines = [f"{h} Quality: {res['model']['spec']}, "
+             + (", ".join(cal["seeded_methods"] + cal["first_seed_only"]) if refits else "every method")
+             + (f", with and without the refit ({', '.join(refits)})" if refits else "")
+             + (", before and after recovery" if rec["steps"] else ", before recovery"), "",
              f"Device: {res['device']}, {res['dtype']}. Versions: {_versions(res['versions'])}.", "",
              f"- **Calibration**: {cal['samples']} x {cal['seq_len']} tokens of `{os.path.basename(cal['source'])}` "
              f"({cal['name']}; {cal['mode']}), seeds {', '.join(map(str, cal['seeds']))} for {seeded}"
@@ -144,9 +148,9 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
              f"({ev['domains']['wikitext2']['name']}); stdlib code = {len(std['files'])} files of the Python "
              f"{std['python']} standard library, never in calibration (listed below).",
              _recovery_line(rec),
-             *([f"- **Refit** (`--refit ls`, sdmprune.compensation) after the same selection: "
-                + "; ".join(f"`{v}`: {res['refit']['variants'].get(v.split(':')[0] + (':S' if ':' in v else ''), v)}"
-                            + (f" {v.split(':')[1]}" if ':' in v else "") for v in res["refits"])
+             *(["- **Refit** (`--refit ls`, sdmprune.compensation) after the same selection: "
+                + "; ".join(f"`{v}`: " + (f"the fixed strength {v.split(':')[1]} for every layer" if ":" in v
+                                          else res["refit"]["variants"].get(v, v)) for v in res["refits"])
                 + f"; {res['refit']['how']}. x none: the perplexity ratio to the same selection without refit "
                   "(mean over seeds), WikiText-2 / stdlib code, before recovery; held-out loss: the relative "
                   "reconstruction error of the MLP output on the held-out calibration windows, before -> after "
@@ -230,7 +234,10 @@ def quality_plot(res: dict, png: Path, title: str = "") -> Path:
         ax.set_ylabel("perplexity (mean over seeds, bars min-max)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title or f"{res['model']['spec']}: perplexity with and without --refit ls", fontsize=10)
+    seeds = ", ".join(map(str, res["calibration"]["seeds"]))
+    fig.suptitle(title or f"{res['model']['spec']}, calibration seed(s) {seeds}: perplexity with and without "
+                 f"--refit ls" + (", before and after the same recovery" if res["recovery"]["steps"] else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -265,6 +272,7 @@ def parity_markdown(res: dict, level: int = 2) -> str:
 
 RENDERERS = {"quality": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "refit": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
+             "refit_recovery": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "refit_self": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "hfprune_parity": lambda data, name: parity_markdown(data, level=2)}
 
@@ -416,7 +424,8 @@ def readme_block() -> str:
     quality = _load("quality")
     if quality is not None:
         out += [quality_markdown(quality, "quality.json", level=3)]
-    for name in ("refit", "refit_self"):  # the refit's own runs (benchmarks/quality.py --refits ...)
+    # the refit's runs (benchmarks/quality.py --refits ...); refit_self.md stays beside its JSON
+    for name in ("refit", "refit_recovery"):
         data = _load(name)
         if data is not None:
             out += [quality_markdown(data, f"{name}.json", level=3)]
@@ -459,7 +468,7 @@ def main(argv):
         update_readme()
         return
     if "--plot" in argv:
-        print(quality_plot(json.loads((RESULTS / "refit.json").read_text()), RESULTS / "refit.png"))
+        print(quality_plot(json.loads((RESULTS / "refit_recovery.json").read_text()), RESULTS / "refit.png"))
         return
     root = Path(argv[1]) if len(argv) > 1 else RESULTS
     print("# Benchmark results\n")

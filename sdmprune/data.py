@@ -79,7 +79,7 @@ class SourceSpec:
         return f"{self.kind} {self.path}"
 
 
-def _network_ok(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def network_ok(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") == "1" or os.environ.get("HF_DATASETS_OFFLINE", "0") == "1":
         return False
     try:
@@ -128,7 +128,7 @@ def resolve_source(src: str, what: str = "data", text_field: str = "text") -> So
         raise InputError(f"{what} file {src!r} does not exist")
     name = ALIASES.get(src.lower(), src.lower())
     known = name in HUB_DATASETS
-    if not _network_ok():
+    if not network_ok():
         if known:
             raise InputError(f"{what} source {src!r} is a Hugging Face dataset and there is no network; "
                              "use a local file (.txt/.jsonl/.parquet/.pt) or 'self'")
@@ -269,28 +269,6 @@ def check_token_ids(tokens: torch.Tensor, vocab: Optional[int], what: str) -> No
 def is_text(spec: SourceSpec) -> bool:
     """Whether the source must be tokenized (text, documents, a hub dataset), not token ids or 'self'."""
     return spec.kind not in ("self", "tokens")
-
-
-def check_sources_against_model(model, sources, text_uses=(), tokenizer=None):
-    """Every data source of a run checked against the model before its weights load, the same way in
-    ``prune``, ``eval`` and ``finetune``: token ids inside the vocabulary, and a tokenizer wherever text
-    is tokenized. ``model``: the resolved model (sdmprune.loading.ModelSource); ``sources``: (flag,
-    SourceSpec or None) pairs; ``text_uses``: further reasons a tokenizer is needed, as the message
-    should say them (e.g. "--tasks runs on text"); ``tokenizer``: one the caller already has. Returns
-    the model's tokenizer (None when it has none and nothing needs one): load the model with it."""
-    from .loading import load_tokenizer
-
-    vocab = getattr(model.config, "vocab_size", None)
-    needs = []
-    for flag, spec in sources:
-        if spec is None:
-            continue
-        if spec.kind == "tokens":
-            check_token_ids(spec.tokens, vocab, f"{flag} {spec.raw!r}")
-        elif is_text(spec):
-            needs.append(f"{flag} {spec.raw!r} is text")
-    needs += list(text_uses)
-    return tokenizer if tokenizer is not None else load_tokenizer(model, needed=needs[0] if needs else False)
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -277,9 +277,9 @@ def _dataset_cached(dataset: str) -> bool:
 def _check_task_datasets_reachable(manager, names) -> None:
     """Without network (sdmprune.data's check: no waiting for the hub's retries), every hub dataset the
     tasks read must be in the local cache; otherwise one line saying which task needs which dataset."""
-    from .data import _network_ok
+    from .data import network_ok
 
-    if _network_ok():
+    if network_ok():
         return
     missing = [(t, d) for t, d in _task_datasets(manager, names) if not _dataset_cached(d)]
     if missing:

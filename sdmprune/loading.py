@@ -132,9 +132,9 @@ def resolve_model(spec: str, check_mlps: bool = True, trust_remote_code: bool = 
             raise InputError(f"model path {spec!r} does not exist")
         else:
             src = ModelSource(spec, spec)
-            from .data import _network_ok
+            from .data import network_ok
 
-            if not _network_ok():  # fail fast instead of waiting for hub retries/timeouts
+            if not network_ok():  # fail fast instead of waiting for hub retries/timeouts
                 from huggingface_hub import try_to_load_from_cache
 
                 if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
@@ -275,3 +275,25 @@ def drop_gguf_quantizer(model) -> None:
         model.quantization_method = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+
+
+def check_sources_against_model(model, sources, text_uses=(), tokenizer=None):
+    """Every data source of a run checked against the model before its weights load, the same way in
+    ``prune``, ``eval`` and ``finetune``: token ids inside the vocabulary, and a tokenizer wherever text
+    is tokenized. ``model``: the resolved model (``ModelSource``); ``sources``: (flag,
+    SourceSpec or None) pairs; ``text_uses``: further reasons a tokenizer is needed, as the message
+    should say them (e.g. "--tasks runs on text"); ``tokenizer``: one the caller already has. Returns
+    the model's tokenizer (None when it has none and nothing needs one): load the model with it."""
+    from .data import check_token_ids, is_text
+
+    vocab = getattr(model.config, "vocab_size", None)
+    needs = []
+    for flag, spec in sources:
+        if spec is None:
+            continue
+        if spec.kind == "tokens":
+            check_token_ids(spec.tokens, vocab, f"{flag} {spec.raw!r}")
+        elif is_text(spec):
+            needs.append(f"{flag} {spec.raw!r} is text")
+    needs += list(text_uses)
+    return tokenizer if tokenizer is not None else load_tokenizer(model, needed=needs[0] if needs else False)

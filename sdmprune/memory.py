@@ -335,7 +335,7 @@ def predict_refit_memory(config: Any, seq_len: int, batch_size: int, width: Opti
 
     s = shape_of(config)
     b = dtype_bytes(dtype)
-    d, I, n = s.hidden_size, s.intermediate_size, s.num_hidden_layers
+    d, I = s.hidden_size, s.intermediate_size
     k = I if width is None else int(width)
     q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
     T = seq_len * batch_size
@@ -349,8 +349,10 @@ def predict_refit_memory(config: Any, seq_len: int, batch_size: int, width: Opti
     gather = I * k * (gram_bytes + f64 if gram_bytes != f64 else f64)  # G[:, S] gathered, then float64
     chunk = min(QUADRATIC_CHUNK, I)
     forming = 2 * I * I * gram_bytes + d * I * f64 + gather + (k * k + 2 * d * k) * f64
+    # a float64 copy of a column chunk of H (none when H is float64 already) and two [d, chunk] products
+    chunk_copy = I * chunk * f64 if gram_bytes != f64 else 0
     held_out = (I * I * gram_bytes + (2 * d * k + k * k) * f64 + d * I * f64 + gather + (d * k + k * k) * f64
-                + chunk * (I if gram_bytes != f64 else 0) * f64 + 2 * d * chunk * f64)
+                + chunk_copy + 2 * d * chunk * f64)
     candidates = (4 * k * k + 9 * d * k) * f64
     solve = max(forming, held_out, candidates)
     out = {"weights": int(weights), "grams": int(grams + reducing), "activations": int(activations),

@@ -284,8 +284,9 @@ def restore_threads():
 
 def test_quality_smoke_run_has_both_domains_before_after_and_seed_spreads(tiny_inputs, tmp_path, restore_threads):
     """quality.py end to end on a tiny model: a seeded method over three calibration seeds and an
-    unseeded one once, both ratios, one recovery step; the JSON holds every domain before and after
-    recovery for every run, the seed spreads, the data it used, and the markdown table beside it."""
+    unseeded one once, both ratios, without and with the refit of one selection, one recovery step; the
+    JSON holds every domain before and after recovery for every run, the seed spreads, the refit's
+    report and ratio to no refit, the data it used, and the markdown table beside it."""
     text = str(tiny_inputs / "text.txt")
     out = tmp_path / "quality.json"
     code = load("quality").main([
@@ -293,12 +294,17 @@ def test_quality_smoke_run_has_both_domains_before_after_and_seed_spreads(tiny_i
         "--seeds", "0,1,2", "--calib", text, "--wikitext", text, "--recover-data", text, "--samples", "2",
         "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2", "--eval-seq-len", "16", "--recover-steps",
         "1", "--recover-batch", "2", "--recover-seq-len", "16", "--stdlib-files", "abc.py,bisect.py",
-        "--threads", "1", "--out", str(out)])
+        "--refits", "none,ls", "--threads", "1", "--out", str(out)])
     assert code == 0
     res = json.loads(out.read_text())
-    assert res["complete"] and res["planned_runs"] == len(res["runs"]) == 2 * 3 + 2
-    # every method at the first seed before any repetition, so a cut run has the whole table once
-    assert [(r["seed"], r["method"]) for r in res["runs"][:4]] == [(0, "hfprune"), (0, "magnitude")] * 2
+    assert res["complete"] and res["planned_runs"] == len(res["runs"]) == (2 * 3 + 2) * 2
+    # every method at the first seed before any repetition, so a cut run has the whole table once;
+    # both refit variants of one selection side by side
+    assert [(r["seed"], r["method"], r["refit"]) for r in res["runs"][:8]] == [
+        (0, "hfprune", "none"), (0, "hfprune", "ls"), (0, "magnitude", "none"), (0, "magnitude", "ls")] * 2
+    for none, ls in zip(res["runs"][::2], res["runs"][1::2]):
+        assert none["prune"] == ls["prune"] and none["refit_report"] is None  # one selection for both
+        assert set(ls["refit_report"]["strengths"]) == {"0", "1"} and ls["refit_report"]["held_out_loss"]
     domains = res["evaluation"]["domains"]
     assert set(domains) == {"wikitext2", "stdlib"}
     assert domains["stdlib"]["files"] == ["abc.py", "bisect.py"] and domains["stdlib"]["python"]
@@ -311,10 +317,14 @@ def test_quality_smoke_run_has_both_domains_before_after_and_seed_spreads(tiny_i
         assert r["recovery"]["steps"] == 1 and r["recovery"]["time_s"] > 0
         assert r["prune"]["peak_memory_bytes"] >= r["prune"]["memory_at_start_bytes"] > 0
     assert res["recovery"]["tokens"] == 1 * 2 * 16 and res["calibration"]["seeds"] == [0, 1, 2]
-    summary = {(s["ratio"], s["method"]): s for s in res["summary"]}
-    assert set(summary) == {(q, m) for q in (0.2, 0.3) for m in ("hfprune", "magnitude")}
-    for (ratio, method), s in summary.items():
-        runs = [r for r in res["runs"] if r["ratio"] == ratio and r["method"] == method]
+    summary = {(s["ratio"], s["method"], s["refit"]): s for s in res["summary"]}
+    assert set(summary) == {(q, m, v) for q in (0.2, 0.3) for m in ("hfprune", "magnitude") for v in ("none", "ls")}
+    for (ratio, method, refit), s in summary.items():
+        runs = [r for r in res["runs"] if r["ratio"] == ratio and r["method"] == method and r["refit"] == refit]
+        if refit == "ls":
+            none = [r for r in res["runs"] if r["ratio"] == ratio and r["method"] == method and r["refit"] == "none"]
+            ratios = [a["before"]["stdlib"]["perplexity"] / b["before"]["stdlib"]["perplexity"] for a, b in zip(runs, none)]
+            assert s["vs_none"]["before"]["stdlib"]["mean"] == pytest.approx(sum(ratios) / len(ratios))
         for phase in ("before", "after"):
             for d in ("wikitext2", "stdlib"):
                 st, values = s[phase][d], [r[phase][d]["perplexity"] for r in runs]
@@ -323,15 +333,15 @@ def test_quality_smoke_run_has_both_domains_before_after_and_seed_spreads(tiny_i
                 assert st["mean"] == pytest.approx(sum(values) / len(values))
                 assert (st["std"] is None) == (st["n"] == 1)
     # the three calibration seeds draw different windows, so hfprune's perplexities differ between them
-    spread = summary[(0.2, "hfprune")]["before"]["wikitext2"]
+    spread = summary[(0.2, "hfprune", "none")]["before"]["wikitext2"]
     assert spread["max"] > spread["min"] and spread["std"] > 0
     md = (tmp_path / "quality.md").read_text()
     assert "WikiText-2 before | WikiText-2 after | stdlib code before | stdlib code after" in md
-    assert "`abc.py`, `bisect.py`" in md and "| hfprune | 3 |" in md and "| magnitude | 1 |" in md
+    assert "`abc.py`, `bisect.py`" in md and "| hfprune | none | 3 |" in md and "| magnitude | ls | 1 |" in md
     assert "Partial run" not in md
     # a run cut short says how much of the plan it measured
     res["runs"], res["summary"], res["complete"] = res["runs"][:3], load("quality").summarize(res["runs"][:3]), False
-    assert "Partial run**: 3 of 8 runs measured" in load("report").quality_markdown(res)
+    assert "Partial run**: 3 of 16 runs measured" in load("report").quality_markdown(res)
 
 
 def test_quality_evaluation_windows_cover_the_whole_text():

@@ -125,6 +125,31 @@ def test_a_different_rotary_is_left_alone(monkeypatch):
         assert not swapped and mod.apply_rotary_pos_emb is interleaved
 
 
+def test_hub_kernel_wrapper_is_seen_through_and_a_users_kernel_is_kept():
+    """transformers >= 5.25 wraps apply_rotary_pos_emb in Hugging Face kernels' function module (a
+    signature of ``(*args, **kwargs)``): the swap still applies, and says so. When ``kernels.kernelize``
+    has given the attention its own rotary (the per-model wrapper then has a forward of its own, as
+    kernelize sets one), the user's kernel is kept."""
+    import types
+
+    model = tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    mod, why = rmod.rotary_status(model)
+    wrappers = attn.__dict__.get("_kernel_funcs")
+    if not isinstance(wrappers, dict) or not wrappers:
+        pytest.skip("this transformers release does not wrap the rotary in a hub-kernel function")
+    assert mod is not None and "hub-kernel wrapper" in why
+    wrapper = next(iter(wrappers.values()))
+    wrapper.forward = types.MethodType(lambda self, *a, **k: rotary_reference(a[0], a[2], a[3]), wrapper)
+    try:
+        mod, why = rmod.rotary_status(model)
+        assert mod is None and "kernelize" in why
+        with patch_rotary(model) as swapped:
+            assert not swapped
+    finally:
+        del wrapper.forward
+
+
 def test_compiles_for_h100():
     """The kernel compiles to sm_90 both ways at Llama-3.1-8B's q heads (no GPU needed)."""
     ints = ["L", "H", "HALF", "sxb", "sxh", "sxl", "sxd", "sob", "soh", "sol", "sod", "scb", "scl", "scd",

@@ -32,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..data import check_sources_against_model, eval_token_stream, resolve_source
+    from ..data import eval_token_stream, resolve_source
     from ..evaluate import perplexity_windows, resolve_tasks
-    from ..loading import check_positions, default_dtype, resolve_device, resolve_model
+    from ..loading import check_positions, check_sources_against_model, default_dtype, resolve_device, resolve_model
     from ..storage.paths import check_output_file
 
     if not args.ppl and not args.tasks:

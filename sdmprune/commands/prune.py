@@ -124,8 +124,9 @@ class PruneJob:
 
 def check_prune_arguments(args) -> PruneJob:
     """Every check that needs no model weights, in the order a user would fix them."""
-    from ..data import check_sources_against_model, resolve_source
-    from ..loading import check_positions, default_dtype, parse_dtype, resolve_device, resolve_model
+    from ..data import resolve_source
+    from ..loading import (check_positions, check_sources_against_model, default_dtype, parse_dtype,
+                           resolve_device, resolve_model)
     from ..memory import batch_size_for_memory
     from ..models import find_gated_mlps, meta_model_from_config
     from ..storage.paths import WorkDir, check_output_dir, check_output_file

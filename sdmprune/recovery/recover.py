@@ -321,8 +321,9 @@ def finetune(model_or_path, data, out_dir, cfg: Optional[FinetuneConfig] = None,
     beside the student; recover_masked_ (pipeline --recover-steps) avoids it by recovering before
     slicing on one copy.
     """
-    from ..data import check_sources_against_model, resolve_source
-    from ..loading import check_positions, default_dtype, load_model, parse_dtype, resolve_device, resolve_model
+    from ..data import resolve_source
+    from ..loading import (check_positions, check_sources_against_model, default_dtype, load_model, parse_dtype,
+                           resolve_device, resolve_model)
     from ..models import meta_model_from_config
     from ..storage.run_state import RunState
     from .trainer import CHECKPOINT_FILE, finetune_settings
