@@ -241,14 +241,17 @@ def load_tokenizer(src: ModelSource, needed=False):
     without one that loads, an InputError saying so, and why it did not load, in one whole line."""
     from transformers import AutoTokenizer
 
+    no_files = src.kind == "hf" and os.path.isdir(src.path) and not any(
+        os.path.isfile(os.path.join(src.path, n)) for n in TOKENIZER_FILES)
     try:
+        if no_files:  # transformers 5.0 builds an empty tokenizer of the config's family here: none is right
+            raise FileNotFoundError("no tokenizer files")
         return AutoTokenizer.from_pretrained(src.path, **src.kwargs())
     except Exception as exc:  # noqa: BLE001
         if not needed:
             return None
         why = needed if isinstance(needed, str) else "a tokenizer is needed"
-        if src.kind == "hf" and os.path.isdir(src.path) and not any(
-                os.path.isfile(os.path.join(src.path, n)) for n in TOKENIZER_FILES):
+        if no_files:
             reason = f"it has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
         else:
             reason = f"its tokenizer does not load: {type(exc).__name__}: {one_line(exc)}"
