@@ -12,15 +12,17 @@ per-layer IoU of the kept channels of fused vs reference on the same samples.
     python benchmarks/bench_pipeline.py --merge a.json b.json --out benchmarks/results/pipeline.json
                                           # one results file from runs measured in separate commands
 
-A run is shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES]: the
+A run is shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=ROWS][:act=1][:mem=SIZE][:n=SAMPLES][:refit=ls]: the
 gradient method (sdmprune, the default, taylor or hfprune; the reference engine is then that method's
 official loop), N samples per backward pass, gradient checkpointing off, the fused loss's token
 chunk, the checkpointed layer inputs offloaded to pinned host memory
 (PruneConfig.offload_activations), a memory budget that picks the batch (SIZE such as 18GiB, or
 ref/3: a third of the measured peak of the same shape and method's reference run listed before it),
 or the number of samples of this run (default --samples; s/sample is per sample either way, so a
-batch that does not divide 16 can run whole batches). The 1B kept-channel IoU of fused vs reference
-is reported per method.
+batch that does not divide 16 can run whole batches), and the compensation stage after selection
+(PruneConfig.refit; its time beside the scoring stages' and its own peak beside predict_refit_memory's
+prediction, both from the same run). The 1B kept-channel IoU of fused vs reference is reported per
+method.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ build_random_model = random_models.build_random_model
 def worker(args) -> dict:
     from sdmprune.errors import InputError
     from sdmprune.memory import BUILTIN_SHAPES, GiB, predict_peak_memory
-    from sdmprune.memory import batch_size_for_memory, memory_settings
+    from sdmprune.memory import batch_size_for_memory, memory_settings, predict_refit_memory
     from sdmprune.pipeline import PruneConfig, prune_model
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -70,13 +72,13 @@ def worker(args) -> dict:
     shape = config if args.smoke else BUILTIN_SHAPES[shape_name]
     ckpt = not args.no_checkpointing
     cfg = PruneConfig(width=width, method=args.method, engine=args.engine, batch_size=args.batch_size,
-                      gradient_checkpointing=ckpt,
+                      gradient_checkpointing=ckpt, refit=args.refit,
                       loss_token_chunk=args.loss_chunk, offload_activations=args.offload_activations,
                       progress=False, seed=0)
     if args.max_memory:  # what `sdmprune prune --max-memory` picks
         try:
             cfg.batch_size, _ = batch_size_for_memory(shape, cfg, args.engine, args.seq_len, args.max_memory,
-                                                      args.samples, dtype)
+                                                      args.samples, dtype, width=width)
         except InputError as exc:
             return {"error": str(exc)}
     if args.engine == "reference":
@@ -122,6 +124,16 @@ def worker(args) -> dict:
         "peak_memory_gib": (st["peak_memory_bytes"] / GiB) if device.type == "cuda" else None,
         "predicted_peak_gib": predicted["total"] / GiB, "predicted": predicted,
     }
+    if args.refit != "none":  # its peak is the refit stage's own (reset when the stage starts)
+        rf = st["refit"]
+        out["refit"] = args.refit
+        out["refit_s"] = st["time_s"]["refit"]
+        out["refit_vs_scoring"] = out["refit_s"] / scoring_s
+        out["refit_peak_gib"] = rf["peak_memory_bytes"] / GiB if device.type == "cuda" else None
+        out["refit_predicted_gib"] = predict_refit_memory(
+            shape, args.seq_len, batch, width=width, dtype=dtype, gram_bytes=4 if device.type == "cuda" else 8,
+            samples=n)["total"] / GiB
+        out["refit_held_out_loss"] = rf.get("held_out_loss")
     if args.save_keep:
         torch.save({k: v.cpu() for k, v in result.keep.items()}, args.save_keep)
     return out
@@ -159,21 +171,26 @@ DEFAULT_RUNS = ",".join([
     "1b:fused:m=hfprune:mem=ref/3:chunk=128",
     "8b:reference:m=hfprune",
     "8b:fused:m=hfprune:mem=18GiB",
+    # the refit stage after selection: its time and its own peak against the memory model
+    "1b:fused:b=4:refit=ls",
+    "8b:fused:b=2:refit=ls",
 ])
-KEYS = ("m", "b", "ckpt", "chunk", "act", "mem", "n")
-TEXT_KEYS = ("m", "mem")
+KEYS = ("m", "b", "ckpt", "chunk", "act", "mem", "n", "refit")
+TEXT_KEYS = ("m", "mem", "refit")
+REFITS = ("none", "ls")
 METHODS = ("sdmprune", "taylor", "hfprune")
 FLAGS = ("ckpt", "act")
 
 
 def parse_run(spec: str) -> dict:
-    """'shape:engine[:m=METHOD][:b=N][:ckpt=0|1][:chunk=ROWS][:act=0|1][:mem=SIZE|ref/K][:n=SAMPLES]' -> dict."""
+    """'shape:engine[:m=METHOD][:b=N][:ckpt=0|1][:chunk=ROWS][:act=0|1][:mem=SIZE|ref/K][:n=SAMPLES][:refit=ls]'
+    -> dict."""
     parts = spec.strip().split(":")
-    want = "shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=N][:act=1][:mem=SIZE|ref/K][:n=SAMPLES]"
+    want = "shape:engine[:m=METHOD][:b=N][:ckpt=0][:chunk=N][:act=1][:mem=SIZE|ref/K][:n=SAMPLES][:refit=ls]"
     if len(parts) < 2:
         raise SystemExit(f"bad run spec {spec!r}: want {want}")
     run = {"shape": parts[0], "engine": parts[1], "m": "sdmprune", "b": None, "ckpt": True, "chunk": None, "act": False,
-           "mem": None, "n": None, "spec": spec}
+           "mem": None, "n": None, "refit": "none", "spec": spec}
     for kv in parts[2:]:
         k, _, v = kv.partition("=")
         if k not in KEYS:
@@ -182,6 +199,8 @@ def parse_run(spec: str) -> dict:
             run[k] = v if k in TEXT_KEYS else (v not in ("0", "false") if k in FLAGS else int(v))
         except ValueError:
             raise SystemExit(f"bad run spec {spec!r}: {k}={v!r} is not an integer") from None
+    if run["refit"] not in REFITS:
+        raise SystemExit(f"bad run spec {spec!r}: refit={run['refit']!r} is not one of {', '.join(REFITS)}")
     if run["m"] not in METHODS:
         raise SystemExit(f"bad run spec {spec!r}: m={run['m']!r} is not one of {', '.join(METHODS)}")
     if run["mem"] and run["mem"].startswith("ref/"):
@@ -224,6 +243,8 @@ def run_one(args, run: dict, save_keep=None) -> dict:
         cmd += ["--loss-chunk", str(run["chunk"])]
     if run["act"]:
         cmd += ["--offload-activations"]
+    if run["refit"] != "none":
+        cmd += ["--refit", run["refit"]]
     if args.smoke:
         cmd += ["--smoke"]
     if save_keep:
@@ -268,6 +289,18 @@ def write_results(report: dict, path: str) -> None:
                     f"{s1} | {s2} | {r['tokens_per_s']:.0f} | {peak} | {r['predicted_peak_gib']:.2f} |")
     md = [f"Device: {report['versions'].get('device')}; versions: " + ", ".join(
         f"{k} {v}" for k, v in report["versions"].items() if k != "device"), "", *rows]
+    refits = [r for r in report["runs"] if r.get("refit") and "error" not in r]
+    if refits:
+        md += ["", "Refit stage (--refit ls) of the same runs: its time beside the scoring stages', its own peak "
+               "beside predict_refit_memory's prediction", "",
+               "| run | refit s | refit ÷ scoring time | refit peak GiB (measured) | refit peak GiB (predicted) | "
+               "held-out loss before -> after |", "|---|---|---|---|---|---|"]
+        for r in refits:
+            peak = "n/a (CPU)" if r["refit_peak_gib"] is None else f"{r['refit_peak_gib']:.2f}"
+            loss = r.get("refit_held_out_loss") or {}
+            held = (f"{loss['before']:.4f} -> {loss['after']:.4f}" if loss.get("before") is not None else "-")
+            md.append(f"| {r.get('spec')} | {r['refit_s']:.2f} | {r['refit_vs_scoring']:.2f}x | {peak} | "
+                      f"{r['refit_predicted_gib']:.2f} | {held} |")
     for key, method in [("iou_1b", "sdmprune")] + [(f"iou_1b_{m}", m) for m in METHODS if m != "sdmprune"]:
         if report.get(key):
             vals = list(report[key].values())
@@ -327,6 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="fused", help=argparse.SUPPRESS)
     p.add_argument("--method", default="sdmprune", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--save-keep", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--refit", default="none", choices=REFITS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args)))
@@ -338,7 +372,8 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.samples, args.seq_len, args.batch_size = 2, 16, 2
-        runs = [parse_run("smoke:torch"), parse_run("smoke:torch:act=1"), parse_run("smoke:torch:m=hfprune")]
+        runs = [parse_run(r) for r in ("smoke:torch", "smoke:torch:act=1", "smoke:torch:m=hfprune",
+                                       "smoke:torch:refit=ls")]
     else:
         if not torch.cuda.is_available():
             print("bench_pipeline: needs a CUDA GPU (use --smoke on CPU); nothing measured, nothing written",

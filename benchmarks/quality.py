@@ -49,7 +49,8 @@ kept for the next run and the step's working copy, recorded as ``memory_at_start
 above that is what the step itself needed.
 
 Writes ``--out`` (default benchmarks/results/quality.json) after every run, so a cut run keeps what it
-measured, and the markdown table beside it (rendered by benchmarks/report.py). Only measured numbers.
+measured, and the markdown table beside it (rendered by benchmarks/report.py); ``--resume`` goes on from
+such a file when its settings are this run's, skipping every (seed, ratio, method, refit) it holds. Only measured numbers.
 The model is the Q4_1 GGUF dequantized: compare methods with each other, not with published numbers.
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import os
 import platform
@@ -118,6 +120,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out (same settings) and run only the missing ones")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); on a shared CPU 1 avoids threads waiting on each other")
     return p.parse_args(argv)
@@ -327,6 +331,25 @@ def summarize(runs: list) -> list:
     return out
 
 
+# settings that do not change a measured number: where it is written, how it is resumed, CPU threads
+RUN_ONLY_ARGS = ("out", "resume", "threads")
+
+
+def previous_runs(args, res) -> dict:
+    """The runs of an earlier, cut run in ``--out``: {(seed, ratio, method, refit): run}; {} when there is no
+    such file. A file measured with other settings is refused (one line), never mixed in."""
+    if not os.path.exists(args.out):
+        return {}
+    with open(args.out) as fh:
+        old = json.load(fh)
+    differ = sorted(k for k, v in res["args"].items()
+                    if k not in RUN_ONLY_ARGS and old.get("args", {}).get(k) != v)
+    if differ or old.get("versions", {}).get("torch") != res["versions"].get("torch"):
+        raise SystemExit(f"--resume: {args.out} was measured with other settings "
+                         f"({', '.join(differ) or 'torch release'}); choose another --out")
+    return {(r["seed"], r["ratio"], r["method"], r["refit"]): r for r in old.get("runs", [])}
+
+
 def planned_runs(methods, ratios, seeds, seeded) -> list:
     """(seed, ratio, method) in run order: every method at the first seed first, so a cut run has the
     whole table once before it has any spread."""
@@ -406,6 +429,7 @@ def main(argv=None) -> int:
                               "windows": n_rec, "seed": args.recover_seed, "mode": rec_desc.get("mode")}},
         "planned_runs": len(plan) * len(refits), "runs": [], "summary": [],
     }
+    done = previous_runs(args, res) if args.resume else {}
     t0 = time.perf_counter()
     res["base"] = {"params": count_parameters(base), "perplexity": perplexities(base, streams, args),
                    "eval_s": time.perf_counter() - t0}
@@ -420,10 +444,16 @@ def main(argv=None) -> int:
         with atomic_write_file(out_md) as tmp:
             tmp.write_text(quality_markdown(res, source=os.path.basename(args.out)))
 
+    if done:
+        res["runs"] = list(done.values())
+        res["resumed"] = {"runs_kept": len(done)}
     write()
     print("unpruned " + ", ".join(f"{d} {v['perplexity']:.3f}" for d, v in res["base"]["perplexity"].items()),
           file=sys.stderr)
     for i, (seed, ratio, method) in enumerate(plan):
+        todo = [v for v in refits if (seed, ratio, method, v) not in done]
+        if not todo:
+            continue
         alpha, T = PAPER_HPARAMS.get(round(ratio, 2), (0.4, 0.2))
         cfg = PruneConfig(ratio=ratio, method=method, alpha=alpha, temperature=T, engine=args.engine,
                           batch_size=args.batch_size, seed=seed, progress=False)
@@ -436,7 +466,7 @@ def main(argv=None) -> int:
         alive = weakref.ref(next(model.parameters()))
         del model
         collect_if_alive(alive)
-        for variant in refits:
+        for variant in todo:
             refit, strength = refit_strength(variant)
             model = copy.deepcopy(base)
             refit_report = unrefit = None

@@ -3,11 +3,12 @@
 Results are kept as data; these pages are generated from them, never edited by hand.
   python benchmarks/report.py                  # every results/*.json as markdown, to stdout
   python benchmarks/report.py --readme         # rewrite the block between the results markers in README.md
-  python benchmarks/report.py --plot           # redraw results/refit.png from results/refit_recovery.json (matplotlib)
+  python benchmarks/report.py --plot           # redraw results/refit.png from results/quality.json (matplotlib)
 Each JSON file is a dict; scalar fields (device, versions, ...) are listed, and every list of dicts
 becomes a table, except the files with their own page (RENDERERS: the quality method table, the
 HFPrune parity table), which quality.py also writes beside its JSON as it runs.
 """
+import argparse
 import json
 import math
 import os
@@ -110,15 +111,17 @@ def _recovery_line(rec: dict) -> str:
             + f"; {rec['how']}.")
 
 
-def _refit_cell(r: dict) -> str:
-    """x none (before recovery, mean over seeds), held-out loss, strengths chosen: for a refit row."""
+def _refit_cell(r: dict, phases: tuple) -> str:
+    """x none per phase (mean over seeds), held-out loss, strengths chosen: for a refit row."""
     if r.get("refit", "none") == "none":
-        return " | | |"
-    vs = r.get("vs_none", {}).get("before")
-    ratio = " / ".join(_ratio(vs[d]) for d in DOMAIN_TITLES) if vs else ""
+        return " |" * (len(phases) + 2)
+    ratios = []
+    for phase in phases:
+        vs = r.get("vs_none", {}).get(phase)
+        ratios.append(" / ".join(_ratio(vs[d]) for d in DOMAIN_TITLES) if vs else "")
     loss = r["held_out_loss"]
     chosen = ", ".join(f"{s} x{n}" for s, n in r["strengths_chosen"].items())
-    return f" {ratio} | {loss['before']['mean']:.3f} -> {loss['after']['mean']:.3f} | {chosen} |"
+    return "".join(f" {x} |" for x in ratios) + f" {loss['before']['mean']:.3f} -> {loss['after']['mean']:.3f} | {chosen} |"
 
 
 def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) -> str:
@@ -152,7 +155,9 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
                 + "; ".join(f"`{v}`: " + (f"the fixed strength {v.split(':')[1]} for every layer" if ":" in v
                                           else res["refit"]["variants"].get(v, v)) for v in res["refits"])
                 + f"; {res['refit']['how']}. x none: the perplexity ratio to the same selection without refit "
-                  "(mean over seeds), WikiText-2 / stdlib code, before recovery; held-out loss: the relative "
+                  "(mean over seeds), WikiText-2 / stdlib code, " + ("before and after the same recovery"
+                                                                     if rec["steps"] else "before recovery")
+                + "; held-out loss: the relative "
                   "reconstruction error of the MLP output on the held-out calibration windows, before -> after "
                   "(mean over layers and seeds)."] if "refits" in res else []),
              f"- **Unpruned**: {res['model']['params']:,} parameters; perplexity "
@@ -165,20 +170,22 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
             ratios.append(row["ratio"])
     cols = [f"{DOMAIN_TITLES[d]} {phase}" for d in DOMAIN_TITLES for phase in ("before", "after")]
     secs = lambda v: f"{v:.1f}"  # noqa: E731
+    phases = ("before", "after") if rec["steps"] else ("before",)
+    vs_cols = " | ".join(f"x none ({phase})" for phase in phases)
     for ratio in ratios:
         rows = [r for r in res["summary"] if r["ratio"] == ratio]
         r0 = rows[0]
         lines += [f"{h}# {ratio:.0%} of all parameters removed: width {r0['width']}, {r0['params_after']:,} "
                   f"parameters ({r0['removed']:.2%} removed)", "",
-                  "| method | refit | seeds | " + " | ".join(cols) + " | x none (before) | held-out loss | strengths "
+                  "| method | refit | seeds | " + " | ".join(cols) + f" | {vs_cols} | held-out loss | strengths "
                   "chosen | prune (s) | prune peak (MiB) | recovery (s) | recovery peak (MiB) |",
-                  "|---" * (len(cols) + 10) + "|"]
+                  "|---" * (len(cols) + 9 + len(phases)) + "|"]
         for r in rows:
             cells = [_spread(r[phase][d]) if phase in r else "not run" for d in DOMAIN_TITLES
                      for phase in ("before", "after")]
             recovered = "recovery_time_s" in r
             lines.append(f"| {r['method']} | {r.get('refit', 'none')} | {len(r['seeds'])} | " + " | ".join(cells)
-                         + f" |{_refit_cell(r)} {_spread(r['prune_time_s'], secs)} | {_peak(r, 'prune')} | "
+                         + f" |{_refit_cell(r, phases)} {_spread(r['prune_time_s'], secs)} | {_peak(r, 'prune')} | "
                          + (f"{_spread(r['recovery_time_s'], secs)} | {_peak(r, 'recovery')} |" if recovered
                             else "not run | |"))
         lines.append("")
@@ -198,10 +205,12 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
 
 
 def quality_plot(res: dict, png: Path, title: str = "") -> Path:
-    """Perplexity against the ratio removed, one panel per domain: per method (one colour), the mean over
-    the seeds (bars: min-max); filled markers and solid lines without refit, hollow and dashed with ``ls``
-    (drawn a little to the right, so the two never hide each other); squares and dotted lines after
-    recovery, when it ran. Needs matplotlib (the benchmarks' own dependency: pip install matplotlib)."""
+    """Perplexity against the ratio removed: one row of panels per domain, one column per method (a log
+    scale each, so the methods that break the model do not flatten the others). In each panel: the mean over
+    the seeds (bars: min-max), solid lines and filled markers without refit, dashed and hollow with ``ls``
+    (drawn a little to the right, so the two never hide each other); circles before recovery, squares and
+    dotted lines after it, when it ran; the unpruned model as a grey line. Needs matplotlib (the
+    benchmarks' own dependency: pip install matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,11 +218,14 @@ def quality_plot(res: dict, png: Path, title: str = "") -> Path:
 
     rows = [r for r in res["summary"] if r.get("refit", "none") in ("none", "ls")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(DOMAIN_TITLES), figsize=(11, 4.2))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (domain, name) in zip(axes, DOMAIN_TITLES.items()):
-        for i, method in enumerate(methods):
-            for refit, style, shift in (("none", "-", -0.25), ("ls", "--", 0.25)):
+    fig, axes = plt.subplots(len(DOMAIN_TITLES), len(methods), figsize=(2.6 * len(methods) + 0.6, 6.4),
+                             squeeze=False)
+    colors = {"none": "#1f77b4", "ls": "#d62728"}
+    for row, (domain, name) in enumerate(DOMAIN_TITLES.items()):
+        base = res["base"]["perplexity"][domain]["perplexity"]
+        for col, method in enumerate(methods):
+            ax = axes[row][col]
+            for refit, style, shift in (("none", "-", -0.3), ("ls", "--", 0.3)):
                 for phase, marker in (("before", "o"), ("after", "s")):
                     pts = sorted((r["ratio"], r[phase][domain]) for r in rows
                                  if r["method"] == method and r.get("refit", "none") == refit and phase in r)
@@ -222,24 +234,27 @@ def quality_plot(res: dict, png: Path, title: str = "") -> Path:
                     x = [100 * p[0] + shift for p in pts]
                     y = [p[1]["mean"] for p in pts]
                     err = [[p[1]["mean"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["mean"] for p in pts]]
-                    ax.errorbar(x, y, yerr=err, color=colors[i % len(colors)], marker=marker, capsize=3,
-                                markerfacecolor="white" if refit == "ls" else colors[i % len(colors)],
+                    ax.errorbar(x, y, yerr=err, color=colors[refit], marker=marker, capsize=3, markersize=5,
+                                markerfacecolor="white" if refit == "ls" else colors[refit],
                                 linestyle=style if phase == "before" else ":",
-                                label=f"{method}, {'refit ls' if refit == 'ls' else 'no refit'}"
+                                label=("refit ls" if refit == "ls" else "no refit")
                                       + ("" if phase == "before" else ", after recovery"))
-        base = res["base"]["perplexity"][domain]["perplexity"]
-        ax.axhline(base, color="grey", linewidth=0.8)
-        ax.set_title(f"{name} (unpruned {base:.1f})")
-        ax.set_xlabel("parameters removed (%)")
-        ax.set_ylabel("perplexity (mean over seeds, bars min-max)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+            ax.axhline(base, color="grey", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.tick_params(labelsize=7)
+            ax.set_title(f"{method}: {name}", fontsize=8)
+            if row == len(DOMAIN_TITLES) - 1:
+                ax.set_xlabel("parameters removed (%)", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"perplexity (unpruned {base:.1f})", fontsize=8)
+    axes[0][0].legend(fontsize=6)
     seeds = ", ".join(map(str, res["calibration"]["seeds"]))
-    fig.suptitle(title or f"{res['model']['spec']}, calibration seed(s) {seeds}: perplexity with and without "
-                 f"--refit ls" + (", before and after the same recovery" if res["recovery"]["steps"] else ""),
-                 fontsize=10)
+    fig.suptitle(title or f"{res['model']['spec']}, calibration seed(s) {seeds} (mean, bars min-max): perplexity "
+                 f"with and without --refit ls" + (", before and after the same recovery" if res["recovery"]["steps"]
+                                                   else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
 
@@ -272,7 +287,6 @@ def parity_markdown(res: dict, level: int = 2) -> str:
 
 RENDERERS = {"quality": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "refit": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
-             "refit_recovery": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "refit_self": lambda data, name: quality_markdown(data, f"{name}.json", level=2),
              "hfprune_parity": lambda data, name: parity_markdown(data, level=2)}
 
@@ -424,13 +438,13 @@ def readme_block() -> str:
     quality = _load("quality")
     if quality is not None:
         out += [quality_markdown(quality, "quality.json", level=3)]
-    # the refit's runs (benchmarks/quality.py --refits ...); refit_self.md stays beside its JSON
-    for name in ("refit", "refit_recovery"):
-        data = _load(name)
-        if data is not None:
-            out += [quality_markdown(data, f"{name}.json", level=3)]
-    if (RESULTS / "refit.png").exists():
+    if (RESULTS / "refit.png").exists():  # drawn from quality.json (--plot)
         out += ["![perplexity vs parameters removed, with and without --refit ls](benchmarks/results/refit.png)", ""]
+    # the refit's strength probe before recovery (benchmarks/quality.py --refits none,ls,ls:0.1,ls:1);
+    # refit_self.md (calibration on text sampled from the model) stays beside its JSON
+    probe = _load("refit")
+    if probe is not None:
+        out += [quality_markdown(probe, "refit.json", level=3)]
     parity = _load("hfprune_parity")
     if parity is not None:
         out += [parity_markdown(parity, level=3)]
@@ -464,13 +478,21 @@ def update_readme() -> None:
 
 
 def main(argv):
-    if "--readme" in argv:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", nargs="?", type=Path, default=RESULTS, help="folder of results/*.json (default %(default)s)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--readme", action="store_true", help="rewrite the results block of README.md")
+    what.add_argument("--plot", action="store_true", help="redraw results/refit.png from results/quality.json")
+    args = parser.parse_args(argv[1:])
+    if args.readme:
         update_readme()
         return
-    if "--plot" in argv:
-        print(quality_plot(json.loads((RESULTS / "refit_recovery.json").read_text()), RESULTS / "refit.png"))
+    if args.plot:
+        print(quality_plot(json.loads((RESULTS / "quality.json").read_text()), RESULTS / "refit.png"))
         return
-    root = Path(argv[1]) if len(argv) > 1 else RESULTS
+    root = args.root
+    if not root.is_dir():
+        parser.error(f"{root} is not a folder")
     print("# Benchmark results\n")
     print("Generated by `python benchmarks/report.py` from the JSON files in benchmarks/results/.")
     print("GPU rows carry the device they were measured on (e.g. NVIDIA H100); CPU rows say CPU.\n")

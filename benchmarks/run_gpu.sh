@@ -6,8 +6,9 @@
 #                                       #   benchmarks' headline rows, the 1B target rows of bench_pipeline
 #   TIER=2 bash benchmarks/run_gpu.sh   # 5 min: the 8B rows of bench_pipeline, bench_offload (resident
 #                                       #   and offload cpu), bench_gather, bench_recovery
-#   TIER=3 / TIER=4                     # a later session: the rest of the suite and of the benchmark rows
-#                                       #   (tier 4: hfprune beside sdmprune at 1B and 8B)
+#   TIER=3 / TIER=4 / TIER=5            # later sessions: the rest of the suite and of the benchmark rows
+#                                       #   (tier 4: hfprune beside sdmprune at 1B and 8B; tier 5: the
+#                                       #   refit stage at 1B and 8B)
 #   PLAN=1 bash benchmarks/run_gpu.sh   # (or --plan) every tier's steps and time caps; runs nothing
 # benchmarks/GPU.md lists the commands in order, their time limits and which tier writes which file.
 #
@@ -31,6 +32,7 @@ TIER_DEADLINE_1=480
 TIER_DEADLINE_2=300
 TIER_DEADLINE_3=540
 TIER_DEADLINE_4=480
+TIER_DEADLINE_5=300
 # bench_pipeline run specs (DEFAULT_RUNS in benchmarks/bench_pipeline.py) by tier: together, all of them
 RUNS_1B_TARGET="1b:reference,1b:fused:mem=ref/3:chunk=128,1b:fused:b=12:chunk=128:n=48"
 RUNS_8B="8b:reference,8b:fused:mem=18GiB,8b:fused:mem=18GiB:act=1:n=26,8b:fused:b=4:ckpt=0"
@@ -38,6 +40,9 @@ RUNS_8B="8b:reference,8b:fused:mem=18GiB,8b:fused:mem=18GiB:act=1:n=26,8b:fused:
 # the first measurement of a spec)
 # hfprune at 1B and 8B, each against its own official loop in the same invocation
 RUNS_HFPRUNE="1b:reference:m=hfprune,1b:fused:m=hfprune:mem=ref/3:chunk=128,8b:reference:m=hfprune,8b:fused:m=hfprune:mem=18GiB"
+# the refit stage after selection at 1B and 8B (its time beside the same run's scoring, its peak beside
+# the memory model's)
+RUNS_REFIT="1b:fused:b=4:refit=ls,8b:fused:b=2:refit=ls"
 RUNS_1B_REST="1b:reference,1b:fused:b=4,1b:fused:b=16:chunk=128:n=32,1b:fused:b=16:chunk=128:act=1:n=32,1b:fused:mem=ref/3:chunk=128:act=1:n=32,1b:fused:b=8:ckpt=0"
 LOSS_HEADLINE="--shapes 8192x4096x128256 --impls sdmprune_triton,liger_chunked_jsd"
 TAYLOR_HEADLINE="--shapes 4096x14336 --tokens 4096"
@@ -75,10 +80,15 @@ offload_all  200  always  benchmarks/bench_offload.py                   all four
 pipeline_hfprune 230 always benchmarks/bench_pipeline.py                hfprune 1B and 8B rows -> pipeline-hfprune.json
 EOF
     ;;
+    5) cat <<'EOF'
+build        110  cold    setup.py                                      only on a cold machine: build the CUDA extension
+pipeline_refit 240 always benchmarks/bench_pipeline.py                  the refit stage at 1B and 8B -> pipeline-refit.json
+EOF
+    ;;
     *) return 1 ;;
   esac
 }
-TIERS="1 2 3 4"
+TIERS="1 2 3 4 5"
 
 deadline_of() { local v="TIER_DEADLINE_$1"; echo "${!v}"; }
 
@@ -102,6 +112,7 @@ print_plan() {
   echo "bench_pipeline runs: pipeline_8b $RUNS_8B"
   echo "bench_pipeline runs: pipeline_1b_rest $RUNS_1B_REST"
   echo "bench_pipeline runs: pipeline_hfprune $RUNS_HFPRUNE"
+  echo "bench_pipeline runs: pipeline_refit $RUNS_REFIT"
 }
 
 # ------------------------------------------------------------------------------------------ steps
@@ -184,6 +195,7 @@ step_pipeline_1b() { python benchmarks/bench_pipeline.py --runs "$RUNS_1B_TARGET
 step_pipeline_8b() { python benchmarks/bench_pipeline.py --runs "$RUNS_8B" --out "$OUT/pipeline-8b.json"; }
 step_pipeline_1b_rest() { python benchmarks/bench_pipeline.py --runs "$RUNS_1B_REST" --out "$OUT/pipeline-1b-rest.json"; }
 step_pipeline_hfprune() { python benchmarks/bench_pipeline.py --runs "$RUNS_HFPRUNE" --out "$OUT/pipeline-hfprune.json"; }
+step_pipeline_refit() { python benchmarks/bench_pipeline.py --runs "$RUNS_REFIT" --out "$OUT/pipeline-refit.json"; }
 step_offload() { python benchmarks/bench_offload.py --out "$OUT" --no-distributed; }
 step_offload_all() { python benchmarks/bench_offload.py --out "$OUT"; }
 step_recovery() { python benchmarks/bench_recovery.py --out "$OUT"; }
@@ -254,8 +266,8 @@ if [ "${1:-}" = "--select-plugin" ]; then  # tests: the selection plugin, writte
   exit 0
 fi
 case "${TIER:-}" in
-  1|2|3|4) ;;
-  *) echo "usage: TIER=1|2|3|4 bash benchmarks/run_gpu.sh, or PLAN=1 bash benchmarks/run_gpu.sh (see benchmarks/GPU.md)" >&2
+  1|2|3|4|5) ;;
+  *) echo "usage: TIER=1|2|3|4|5 bash benchmarks/run_gpu.sh, or PLAN=1 bash benchmarks/run_gpu.sh (see benchmarks/GPU.md)" >&2
      print_plan >&2
      exit 2 ;;
 esac
@@ -263,12 +275,12 @@ esac
 # writes headline-only files there that GPU.md merges into the results by hand)
 OUT=${OUT:-out/gpu-tier$TIER}
 mkdir -p "$OUT"
-export OUT RUNS_1B_TARGET RUNS_8B RUNS_1B_REST RUNS_HFPRUNE LOSS_HEADLINE TAYLOR_HEADLINE
+export OUT RUNS_1B_TARGET RUNS_8B RUNS_1B_REST RUNS_HFPRUNE RUNS_REFIT LOSS_HEADLINE TAYLOR_HEADLINE
 # no interpreter: the kernels run on the GPU; offline: the machine has no network (no hub timeouts)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export -f write_select_plugin run_tests step_build step_tests_cuda step_tests_rest step_loss step_loss_all \
   step_taylor step_taylor_all step_layer_ops step_pipeline_1b step_pipeline_8b step_pipeline_1b_rest \
-  step_pipeline_hfprune step_offload step_offload_all step_recovery step_gather
+  step_pipeline_hfprune step_pipeline_refit step_offload step_offload_all step_recovery step_gather
 exec > >(tee -a "$OUT/gpu-tier$TIER.log") 2>&1
 tee_pid=$!
 run_tier "$TIER"

@@ -42,7 +42,10 @@ def test_pipeline_run_specs_and_reference_budgets():
         hf, {("1b", "sdmprune"): 12.0})["error"]
     assert int(bp.resolve_budget(hf, {("1b", "hfprune"): 6.0})["mem"]) == 2 * 2**30
     assert {r["m"] for r in runs} == {"sdmprune", "hfprune"}
-    for bad in ("1b", "1b:fused:x=1", "1b:fused:b=two", "1b:fused:mem=ref/x", "1b:fused:m=wanda-sp"):
+    assert bp.parse_run("8b:fused:b=2:refit=ls")["refit"] == "ls" and runs[0]["refit"] == "none"
+    assert {(r["shape"], r["refit"]) for r in runs if r["refit"] != "none"} == {("1b", "ls"), ("8b", "ls")}
+    for bad in ("1b", "1b:fused:x=1", "1b:fused:b=two", "1b:fused:mem=ref/x", "1b:fused:m=wanda-sp",
+                "1b:fused:refit=bias"):
         with pytest.raises(SystemExit):
             bp.parse_run(bad)
 
@@ -53,7 +56,7 @@ def test_pipeline_smoke_run_writes_results(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    run, offloaded, hf = report["runs"]
+    run, offloaded, hf, refit = report["runs"]
     for r in (run, offloaded):
         assert r["samples"] == 2 and r["stage_s"]["stage1"] > 0 and r["stage_s"]["stage2"] > 0
         assert r["peak_memory_gib"] is None  # CPU: no GPU peak is claimed
@@ -66,6 +69,14 @@ def test_pipeline_smoke_run_writes_results(tmp_path):
     assert offloaded["offload_activations"] and offloaded["activation_offload"]["offloaded"] == 4
     assert offloaded["predicted"]["host_activations"] > 0
     assert "on, offloaded" in (tmp_path / "pipeline-smoke.md").read_text()
+    # the refit stage: timed in the same run as its scoring, predicted by the memory model, the held-out
+    # loss it chose its strengths on no worse than the sliced weights'
+    assert "refit" not in run and refit["refit"] == "ls" and refit["refit_s"] > 0
+    assert refit["refit_vs_scoring"] == pytest.approx(
+        refit["refit_s"] / (refit["stage_s"]["stage1"] + refit["stage_s"]["stage2"]))
+    assert refit["refit_peak_gib"] is None and refit["refit_predicted_gib"] > 0
+    assert refit["refit_held_out_loss"]["after"] <= refit["refit_held_out_loss"]["before"]
+    assert "| smoke:torch:refit=ls |" in (tmp_path / "pipeline-smoke.md").read_text().split("Refit stage")[1]
 
 
 def test_layer_ops_smoke_run_writes_results(tmp_path):
@@ -132,7 +143,7 @@ def test_gpu_plan_tiers_fit_their_deadlines_and_name_real_paths():
     text = gpu_plan("--plan")
     assert gpu_plan(env={"PLAN": "1"}) == text
     grace, tiers, runs = parse_gpu_plan(text)
-    assert sorted(tiers) == [1, 2, 3, 4]
+    assert sorted(tiers) == [1, 2, 3, 4, 5]
     for n, tier in tiers.items():
         steps = tier["steps"]
         assert steps and steps[0]["name"] == "build", n  # everything after it needs the extension
@@ -153,7 +164,7 @@ def test_gpu_plan_tiers_fit_their_deadlines_and_name_real_paths():
     assert {"benchmarks/bench_pipeline.py", "benchmarks/bench_offload.py", "benchmarks/bench_gather.py",
             "benchmarks/bench_recovery.py"} <= paths[2]
     bp = load("bench_pipeline")
-    specs = [spec for name in ("pipeline_1b", "pipeline_8b", "pipeline_1b_rest", "pipeline_hfprune")
+    specs = [spec for name in ("pipeline_1b", "pipeline_8b", "pipeline_1b_rest", "pipeline_hfprune", "pipeline_refit")
              for spec in runs[name]]
     for spec in specs:
         bp.parse_run(spec)  # SystemExit on a bad spec
@@ -377,3 +388,34 @@ def test_hfprune_parity_smoke_run(tiny_inputs, tmp_path, restore_threads):
         assert e["meets_target"] and e["iou_min"] >= 0.98 and e["score_max_rel_diff"] < 1e-3
     assert res["settings"]["width"] < res["settings"]["original_width"]
     assert "| torch | ran |" in load("report").parity_markdown(res)
+
+
+def test_quality_resume_keeps_measured_runs_and_refuses_other_settings(tiny_inputs, tmp_path, restore_threads):
+    """--resume goes on from a cut run: the runs already in --out stay as measured, only the missing
+    (seed, ratio, method, refit) are run (here the refit variant of a kept selection: the selection runs
+    again, deterministic, so its perplexities match the uncut run's); a file measured with other
+    settings is refused with one line naming them, and left as it was."""
+    text = str(tiny_inputs / "text.txt")
+    out = tmp_path / "quality.json"
+    argv = ["--model", str(tiny_inputs / "model"), "--methods", "hfprune", "--ratios", "0.2", "--seeds", "0",
+            "--calib", text, "--wikitext", text, "--samples", "2", "--seq-len", "16", "--batch-size", "2",
+            "--eval-windows", "2", "--eval-seq-len", "16", "--recover-steps", "0", "--stdlib-files", "abc.py",
+            "--refits", "none,ls", "--threads", "1", "--out", str(out)]
+    quality = load("quality")
+    assert quality.main(argv) == 0
+    whole = json.loads(out.read_text())
+    cut = dict(whole, runs=whole["runs"][:1], complete=False)
+    out.write_text(json.dumps(cut))
+    assert quality.main(argv + ["--resume"]) == 0
+    resumed = json.loads(out.read_text())
+    assert resumed["complete"] and resumed["resumed"] == {"runs_kept": 1}
+    assert resumed["runs"][0] == whole["runs"][0]  # kept as measured, times included
+    assert [(r["refit"]) for r in resumed["runs"]] == ["none", "ls"]
+    for d in ("wikitext2", "stdlib"):
+        assert resumed["runs"][1]["before"][d]["perplexity"] == pytest.approx(
+            whole["runs"][1]["before"][d]["perplexity"], rel=1e-5)
+    kept = out.read_text()
+    with pytest.raises(SystemExit, match="other settings .*samples"):
+        quality.main([a if a != "2" or argv[i - 1] != "--samples" else "3" for i, a in enumerate(argv)]
+                     + ["--resume"])
+    assert out.read_text() == kept
