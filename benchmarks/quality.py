@@ -77,7 +77,7 @@ CALIB_TEXT = os.path.join(DATA, "wikitext-2", "valid.txt")
 WIKITEXT_TEST = os.path.join(DATA, "wikitext-2-raw", "wiki.test.raw")
 # what the default data files are, for the results; any other file is named by its path
 DATA_NAMES = {os.path.abspath(CALIB_TEXT): "WikiText-2 validation, tokenized form with <unk>",
-              os.path.abspath(WIKITEXT_TEST): "WikiText-2 raw test split, the calibration domain"}
+              os.path.abspath(WIKITEXT_TEST): "WikiText-2 raw test split"}
 DOMAINS = ("wikitext2", "stdlib")
 PHASES = ("before", "after")
 # Pure-Python standard-library modules present in every CPython 3.8+, a mix of small and large
@@ -261,8 +261,11 @@ def evaluation_streams(args, tokenizer) -> tuple:
     from sdmprune.data import eval_token_stream, resolve_source
 
     spec, std_desc = stdlib_source(csv(args.stdlib_files))
+    # WikiText-2 test is the calibration domain only when the calibration text is WikiText-2 too
+    same_corpus = os.path.abspath(str(args.calib)) == os.path.abspath(CALIB_TEXT)
     sources = {"wikitext2": (resolve_source(args.wikitext, "evaluation"),
-                             {"name": data_name(args.wikitext),
+                             {"name": data_name(args.wikitext) + (", the calibration domain" if same_corpus
+                                                                  else ""),
                               "source": rel_path(args.wikitext)}),
                "stdlib": (spec, {"name": "Python standard-library source (never in calibration)", **std_desc})}
     streams, descs = {}, {}
@@ -335,11 +338,12 @@ def summarize(runs: list) -> list:
 RUN_ONLY_ARGS = ("out", "resume", "threads")
 
 
-def previous_runs(args, res) -> dict:
-    """The runs of an earlier, cut run in ``--out``: {(seed, ratio, method, refit): run}; {} when there is no
-    such file. A file measured with other settings is refused (one line), never mixed in."""
+def previous_runs(args, res) -> tuple:
+    """The runs of an earlier, cut run in ``--out``: ({(seed, ratio, method, refit): run}, the calls that
+    measured them: [{device, wall_s, runs}]); ({}, []) when there is no such file. A file measured with other
+    settings is refused (one line), never mixed in."""
     if not os.path.exists(args.out):
-        return {}
+        return {}, []
     with open(args.out) as fh:
         old = json.load(fh)
     differ = sorted(k for k, v in res["args"].items()
@@ -347,7 +351,11 @@ def previous_runs(args, res) -> dict:
     if differ or old.get("versions", {}).get("torch") != res["versions"].get("torch"):
         raise SystemExit(f"--resume: {args.out} was measured with other settings "
                          f"({', '.join(differ) or 'torch release'}); choose another --out")
-    return {(r["seed"], r["ratio"], r["method"], r["refit"]): r for r in old.get("runs", [])}
+    earlier = old.get("resumed", {}).get("earlier_calls", [])
+    kept = old.get("resumed", {}).get("runs_kept", 0)
+    calls = earlier + [{"device": old.get("device"), "wall_s": old.get("wall_s"),
+                        "runs": len(old.get("runs", [])) - kept}]
+    return {(r["seed"], r["ratio"], r["method"], r["refit"]): r for r in old.get("runs", [])}, calls
 
 
 def planned_runs(methods, ratios, seeds, seeded) -> list:
@@ -429,7 +437,7 @@ def main(argv=None) -> int:
                               "windows": n_rec, "seed": args.recover_seed, "mode": rec_desc.get("mode")}},
         "planned_runs": len(plan) * len(refits), "runs": [], "summary": [],
     }
-    done = previous_runs(args, res) if args.resume else {}
+    done, earlier_calls = previous_runs(args, res) if args.resume else ({}, [])
     t0 = time.perf_counter()
     res["base"] = {"params": count_parameters(base), "perplexity": perplexities(base, streams, args),
                    "eval_s": time.perf_counter() - t0}
@@ -446,7 +454,7 @@ def main(argv=None) -> int:
 
     if done:
         res["runs"] = list(done.values())
-        res["resumed"] = {"runs_kept": len(done)}
+        res["resumed"] = {"runs_kept": len(done), "earlier_calls": earlier_calls}
     write()
     print("unpruned " + ", ".join(f"{d} {v['perplexity']:.3f}" for d, v in res["base"]["perplexity"].items()),
           file=sys.stderr)

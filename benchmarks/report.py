@@ -164,6 +164,12 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
              + ", ".join(f"{DOMAIN_TITLES[d]} **{base[d]['perplexity']:.2f}**" for d in DOMAIN_TITLES) + ".", ""]
     if not res.get("complete", True):
         lines += [f"**Partial run**: {len(res['runs'])} of {res['planned_runs']} runs measured.", ""]
+    if res.get("resumed"):
+        calls = res["resumed"].get("earlier_calls", [])
+        lines += [f"**Resumed** (`--resume`): {res['resumed']['runs_kept']} runs kept from earlier calls with the same "
+                  "settings" + (": " + "; ".join(f"{c['runs']} runs on {c['device']} in {c['wall_s']:.0f} s"
+                                                  for c in calls) if calls else "")
+                  + f"; the device line and the total wall time are this call's.", ""]
     ratios = []
     for row in res["summary"]:
         if row["ratio"] not in ratios:

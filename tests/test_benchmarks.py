@@ -408,7 +408,9 @@ def test_quality_resume_keeps_measured_runs_and_refuses_other_settings(tiny_inpu
     out.write_text(json.dumps(cut))
     assert quality.main(argv + ["--resume"]) == 0
     resumed = json.loads(out.read_text())
-    assert resumed["complete"] and resumed["resumed"] == {"runs_kept": 1}
+    assert resumed["complete"] and resumed["resumed"] == {
+        "runs_kept": 1, "earlier_calls": [{"device": whole["device"], "wall_s": whole["wall_s"], "runs": 1}]}
+    assert "**Resumed** (`--resume`): 1 runs kept" in out.with_suffix(".md").read_text()
     assert resumed["runs"][0] == whole["runs"][0]  # kept as measured, times included
     assert [(r["refit"]) for r in resumed["runs"]] == ["none", "ls"]
     for d in ("wikitext2", "stdlib"):
