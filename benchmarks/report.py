@@ -3,7 +3,7 @@
 Results are kept as data; these pages are generated from them, never edited by hand.
   python benchmarks/report.py                  # every results/*.json as markdown, to stdout
   python benchmarks/report.py --readme         # rewrite the block between the results markers in README.md
-  python benchmarks/report.py --plot           # redraw results/refit.png from results/quality.json (matplotlib)
+  python benchmarks/report.py --plot           # redraw results/refit.png from results/quality.json (the plot extra)
 Each JSON file is a dict; scalar fields (device, versions, ...) are listed, and every list of dicts
 becomes a table, except the files with their own page (RENDERERS: the quality method table, the
 HFPrune parity table), which quality.py also writes beside its JSON as it runs.
@@ -216,7 +216,7 @@ def quality_plot(res: dict, png: Path, title: str = "") -> Path:
     the seeds (bars: min-max), solid lines and filled markers without refit, dashed and hollow with ``ls``
     (drawn a little to the right, so the two never hide each other); circles before recovery, squares and
     dotted lines after it, when it ran; the unpruned model as a grey line. Needs matplotlib (the
-    benchmarks' own dependency: pip install matplotlib)."""
+    ``plot`` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -494,6 +494,13 @@ def main(argv):
         update_readme()
         return
     if args.plot:
+        from sdmprune.errors import InputError, require_extra
+
+        try:
+            require_extra("matplotlib", "report.py --plot")
+        except InputError as e:
+            print(f"report.py: error: {e}", file=sys.stderr)  # one line and exit 2, as the package's command line
+            sys.exit(2)
         print(quality_plot(json.loads((RESULTS / "quality.json").read_text()), RESULTS / "refit.png"))
         return
     root = args.root

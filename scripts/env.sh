@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one environment set-up of the README's commands (sourced by scripts/demo.sh and scripts/test.sh):
-#   source scripts/env.sh EXTRAS      e.g. "gguf,lora" for the demo, "test,gguf,lora,eval,torch-pruning" for the tests
+#   source scripts/env.sh EXTRAS      e.g. "gguf,lora" for the demo, "test,gguf,lora,eval,torch-pruning,plot" for the tests
 # Uses the active virtualenv, else ./.venv (created with ${PYTHON:-python3} when missing); installs torch
 # 2.13.0 when no torch imports (pick another build first if you want one: the package keeps it), then
 # this package with EXTRAS (editable, built against that torch) unless every requirement of those extras

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # the active venv or ./.venv (the demo's), with every extra the tests exercise; installs what is missing
 # shellcheck disable=SC1091
-source scripts/env.sh test,gguf,lora,eval,torch-pruning
+source scripts/env.sh test,gguf,lora,eval,torch-pruning,plot
 TRITON_INTERPRET=${TRITON_INTERPRET:-1} python -m pytest tests -q "$@"
 if [ $# -eq 0 ]; then
   TRITON_INTERPRET=0 python -m pytest tests -q -k compiles

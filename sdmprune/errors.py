@@ -24,6 +24,7 @@ OPTIONAL_DEPENDENCIES = {
     "accelerate": ("accelerate", "gguf"),
     "torch_pruning": ("torch-pruning", "torch-pruning"),
     "pyarrow": ("pyarrow", None),
+    "matplotlib": ("matplotlib", "plot"),
 }
 
 

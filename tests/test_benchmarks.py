@@ -421,3 +421,34 @@ def test_quality_resume_keeps_measured_runs_and_refuses_other_settings(tiny_inpu
         quality.main([a if a != "2" or argv[i - 1] != "--samples" else "3" for i, a in enumerate(argv)]
                      + ["--resume"])
     assert out.read_text() == kept
+
+
+def png_size(path) -> tuple:
+    """(width, height) in pixels from a PNG's header; fails unless the file is a PNG."""
+    head = open(path, "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+@pytest.mark.parametrize("results, methods", [("quality", 6), ("refit_self", 3)])
+def test_quality_plot_draws_one_column_per_method(results, methods, tmp_path):
+    """report.py --plot's figure from the committed results: one column of panels per method (2.6 inches
+    at 100 dpi each), with and without recovery (refit_self ran none, so it has no after-recovery points)."""
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed (pip install 'sdmprune[plot]')")
+    report = load("report")
+    res = json.loads(open(os.path.join(ROOT, "benchmarks", "results", f"{results}.json")).read())
+    assert len({r["method"] for r in res["summary"]}) == methods
+    png = report.quality_plot(res, tmp_path / "plot.png")
+    assert png_size(png) == (round(100 * (2.6 * methods + 0.6)), 640)
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path):
+    """report.py --plot where matplotlib is missing: one line naming the extra, no traceback."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(hide) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), "--plot"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and not proc.stdout, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "pip install 'sdmprune[plot]'" in proc.stderr, proc.stderr

@@ -97,7 +97,8 @@ def _declared(requirement_name):
     return found[0]
 
 
-@pytest.mark.parametrize("dist", ["torch", "transformers", "peft", "gguf", "lm-eval"])
+@pytest.mark.parametrize("dist", ["torch", "transformers", "peft", "gguf", "lm-eval", "accelerate", "torch-pruning",
+                                  "matplotlib"])
 def test_installed_versions_are_inside_the_declared_range(dist):
     """The run tests what the package declares: a resolver that left the range would be a packaging bug."""
     from packaging.specifiers import SpecifierSet
@@ -109,3 +110,21 @@ def test_installed_versions_are_inside_the_declared_range(dist):
         pytest.skip(f"{dist} is not installed (an optional extra)")
     spec = SpecifierSet(_declared(dist))
     assert Version(installed.base_version) in spec, f"{dist} {installed} is outside the declared {spec}"
+
+
+def test_every_optional_import_is_in_the_extra_its_error_names():
+    """The one-line error for a missing optional package names an extra (sdmprune.errors); that extra of
+    pyproject.toml must install the package, or the advice would not help."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    from packaging.requirements import Requirement
+
+    from sdmprune.errors import OPTIONAL_DEPENDENCIES
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        extras = tomllib.load(fh)["project"]["optional-dependencies"]
+    for module, (dist, extra) in OPTIONAL_DEPENDENCIES.items():
+        if extra is None:
+            continue
+        assert extra in extras, f"{module}: pyproject.toml has no extra {extra!r}"
+        assert dist in {Requirement(r).name for r in extras[extra]}, f"extra {extra!r} does not install {dist}"
+        assert extra in Requirement(extras["all"][0]).extras, f"the all extra leaves out {extra!r}"
