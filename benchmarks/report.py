@@ -112,16 +112,18 @@ def _recovery_line(rec: dict) -> str:
 
 
 def _refit_cell(r: dict, phases: tuple) -> str:
-    """x none per phase (mean over seeds), held-out loss, strengths chosen: for a refit row."""
+    """x none per phase (mean over seeds), held-out loss, strengths chosen, refit seconds: for a refit row."""
     if r.get("refit", "none") == "none":
-        return " |" * (len(phases) + 2)
+        return " |" * (len(phases) + 3)
     ratios = []
     for phase in phases:
         vs = r.get("vs_none", {}).get(phase)
         ratios.append(" / ".join(_ratio(vs[d]) for d in DOMAIN_TITLES) if vs else "")
     loss = r["held_out_loss"]
     chosen = ", ".join(f"{s} x{n}" for s, n in r["strengths_chosen"].items())
-    return "".join(f" {x} |" for x in ratios) + f" {loss['before']['mean']:.3f} -> {loss['after']['mean']:.3f} | {chosen} |"
+    secs = _spread(r["refit_time_s"], lambda v: f"{v:.1f}") if "refit_time_s" in r else ""
+    return ("".join(f" {x} |" for x in ratios)
+            + f" {loss['before']['mean']:.3f} -> {loss['after']['mean']:.3f} | {chosen} | {secs} |")
 
 
 def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) -> str:
@@ -184,8 +186,8 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
         lines += [f"{h}# {ratio:.0%} of all parameters removed: width {r0['width']}, {r0['params_after']:,} "
                   f"parameters ({r0['removed']:.2%} removed)", "",
                   "| method | refit | seeds | " + " | ".join(cols) + f" | {vs_cols} | held-out loss | strengths "
-                  "chosen | prune (s) | prune peak (MiB) | recovery (s) | recovery peak (MiB) |",
-                  "|---" * (len(cols) + 9 + len(phases)) + "|"]
+                  "chosen | refit (s) | prune (s) | prune peak (MiB) | recovery (s) | recovery peak (MiB) |",
+                  "|---" * (len(cols) + 10 + len(phases)) + "|"]
         for r in rows:
             cells = [_spread(r[phase][d]) if phase in r else "not run" for d in DOMAIN_TITLES
                      for phase in ("before", "after")]
@@ -200,7 +202,8 @@ def quality_markdown(res: dict, source: str = "quality.json", level: int = 1) ->
         kind = runs[0]["prune"]["peak_memory_kind"]
         start = min(r["prune"]["memory_at_start_bytes"] for r in runs)
         lines += [f"Perplexity cells: the mean over the seeds and [min-max]. Times are wall seconds of the whole call "
-                  f"on a shared machine. Peak memory (MiB, the largest over the seeds): {kind}; it includes the "
+                  f"on a shared machine: prune (s) the selection, refit (s) the refit after it (reported by "
+                  f"refit_down_proj_). Peak memory (MiB, the largest over the seeds): {kind}; it includes the "
                   f"unpruned model the benchmark keeps for the next run and the step's working copy ({_mib(start)} MiB "
                   "or more at each step's start); (+N) is the peak above the step's start, what the step itself "
                   "needed.", ""]
