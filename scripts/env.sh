@@ -45,7 +45,7 @@ PY
 )
 if [[ "$_SDMPRUNE_MISSING" == "sdmprune" ]]; then
   echo "[env] installing sdmprune[$_SDMPRUNE_EXTRAS] (editable; builds the extension sdmprune._C)"
-  python -m pip install -q setuptools wheel pybind11 ninja packaging
+  python -m pip install -q "setuptools>=77" wheel pybind11 ninja packaging
   python -m pip install -q --no-build-isolation -e ".[$_SDMPRUNE_EXTRAS]"
 elif [[ -n "$_SDMPRUNE_MISSING" ]]; then
   echo "[env] installing what sdmprune[$_SDMPRUNE_EXTRAS] needs: $_SDMPRUNE_MISSING"
