@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .utils import triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -132,9 +132,9 @@ def activation_scores_triton_(scores, h, dh, token_mask=None, splits: Optional[i
     args = (part, h, dh, keep, T, I, tokens_per_split, h.stride(0), h.stride(1), dh.stride(0), dh.stride(1))
     if on_gpu:
         with torch.cuda.device(h.device):
-            _activation_scores_kernel[grid](*args, HAS_KEEP=token_mask is not None, **blocks)
+            _activation_scores_kernel[grid](*args, HAS_KEEP=token_mask is not None, **blocks, **LAUNCH_OPTIONS)
     else:
-        _activation_scores_kernel[grid](*args, HAS_KEEP=token_mask is not None, **blocks)
+        _activation_scores_kernel[grid](*args, HAS_KEEP=token_mask is not None, **blocks, **LAUNCH_OPTIONS)
     scores.add_(part.sum(dim=0))  # fixed-order float32 sum over the splits: deterministic
     return scores
 

@@ -70,7 +70,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from .utils import interpreter_enabled, triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, interpreter_enabled, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -282,7 +282,7 @@ def _rows_triton(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl
         _distill_rows_kernel[(n,)](
             zs, zt_, labels, c_ce, c_kl, dz_, ce_out, kl_out,
             V, zs.stride(0), zt_.stride(0), dz_.stride(0), float(inv_T), int(ignore_index),
-            HAS_TEACHER=has_t, NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps,
+            HAS_TEACHER=has_t, NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
         return
     span = -(-V // splits)
@@ -290,11 +290,12 @@ def _rows_triton(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl
     if POISON_SCRATCH:
         part.fill_(float("nan"))
     _split_rows_stats_kernel[(n, splits)](zs, zt_, part, n, V, span, zs.stride(0), zt_.stride(0), float(inv_T),
-                                          HAS_TEACHER=has_t, BLOCK_V=block_v, num_warps=num_warps)
+                                          HAS_TEACHER=has_t, BLOCK_V=block_v, num_warps=num_warps,
+                                          **LAUNCH_OPTIONS)
     _split_rows_finish_kernel[(n, splits)](
         zs, zt_, labels, c_ce, c_kl, part, dz_, ce_out, kl_out, n, V, span, zs.stride(0), zt_.stride(0),
         dz_.stride(0), float(inv_T), int(ignore_index), HAS_TEACHER=has_t, NEED_GRAD=dz is not None,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_V=block_v, num_warps=num_warps)
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_V=block_v, num_warps=num_warps, **LAUNCH_OPTIONS)
 
 
 def _rows_torch(zs, zt, labels, c_ce, c_kl, inv_T, ignore_index, dz, ce_out, kl_out):
@@ -619,9 +620,9 @@ def _tiled_forward_stats(h_s, w, h_t, w_t, labels, inv_T, splits):
 
     if on_gpu and not interpreter_enabled():
         with torch.cuda.device(h_s.device):
-            _tiled_fwd_kernel_tuned[grid](*args, **flags)
+            _tiled_fwd_kernel_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
     else:
-        _tiled_fwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4)
+        _tiled_fwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4, **LAUNCH_OPTIONS)
     return part
 
 
@@ -649,9 +650,9 @@ def _tiled_backward(h_s, w, h_t, w_t, labels, lse_s, lse_t, c_ce, c_kl, inv_T, n
 
     if on_gpu and not interpreter_enabled():
         with torch.cuda.device(h_s.device):
-            _tiled_bwd_kernel_tuned[grid](*args, **flags)
+            _tiled_bwd_kernel_tuned[grid](*args, **flags, **LAUNCH_OPTIONS)
     else:
-        _tiled_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4)
+        _tiled_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES, num_warps=4, **LAUNCH_OPTIONS)
     return dh, dw
 
 

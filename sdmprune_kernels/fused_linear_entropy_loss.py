@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from .fused_linear_distill_loss import chunked_head_pass, plan_chunks
-from .utils import triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -119,7 +119,7 @@ def _rows_triton(z, coef, dz, ent_out, block_v, num_warps):
         return
     dz_ = dz if dz is not None else z  # unused when NEED_GRAD is False
     _entropy_rows_kernel[(n,)](z, coef, dz_, ent_out, V, z.stride(0), dz_.stride(0),
-                               NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps)
+                               NEED_GRAD=dz is not None, BLOCK_V=block_v, num_warps=num_warps, **LAUNCH_OPTIONS)
 
 
 def _rows_torch(z, coef, dz, ent_out):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .activation_taylor import accumulate_activation_scores_
 from .taylor_importance import accumulate_taylor_scores_
-from .utils import triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -173,7 +173,7 @@ def gated_activation_forward(g: torch.Tensor, u: torch.Tensor, act: str, mask: O
     if N:
         _gated_act_fwd_kernel[(triton.cdiv(N, _EW_BLOCK),)](
             g, u, g if mask is None else mask, h, N, g.shape[-1], ACT=TRITON_ACTIVATIONS[act],
-            HAS_MASK=mask is not None, BLOCK=_EW_BLOCK, num_warps=4)
+            HAS_MASK=mask is not None, BLOCK=_EW_BLOCK, num_warps=4, **LAUNCH_OPTIONS)
     return h
 
 
@@ -202,7 +202,7 @@ def gated_activation_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor
     if N:
         _gated_act_bwd_kernel[(triton.cdiv(N, _EW_BLOCK),)](
             g, u, dh, g if mask is None else mask, h, d_up, d_gate, N, g.shape[-1],
-            ACT=TRITON_ACTIVATIONS[act], HAS_MASK=mask is not None, BLOCK=_EW_BLOCK, num_warps=4)
+            ACT=TRITON_ACTIVATIONS[act], HAS_MASK=mask is not None, BLOCK=_EW_BLOCK, num_warps=4, **LAUNCH_OPTIONS)
     return d_up, d_gate, h
 
 

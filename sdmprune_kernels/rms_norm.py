@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .utils import triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -109,7 +109,7 @@ def _fwd_triton(x2: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool, out_
     if R:
         block, warps = _launch_config(D)
         _rms_norm_fwd_kernel[(R,)](x2, w, y, rstd, D, x2.stride(0), y.stride(0), float(eps),
-                                   GEMMA=gemma, BLOCK_D=block, num_warps=warps)
+                                   GEMMA=gemma, BLOCK_D=block, num_warps=warps, **LAUNCH_OPTIONS)
     return y, rstd
 
 
@@ -121,7 +121,7 @@ def _bwd_triton(dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, rstd: torc
     if R:
         block, warps = _launch_config(D)
         _rms_norm_bwd_kernel[(R,)](dy2, x2, w, rstd, dx, D, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                   GEMMA=gemma, BLOCK_D=block, num_warps=warps)
+                                   GEMMA=gemma, BLOCK_D=block, num_warps=warps, **LAUNCH_OPTIONS)
     return dx
 
 

@@ -29,7 +29,7 @@ from typing import Iterator, Tuple
 import torch
 from torch import nn
 
-from .utils import triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -86,7 +86,7 @@ def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwa
         half = D // 2
         _rotary_kernel[(B * L,)](x, out, cos, sin, L, H, half, *x.stride(), *out.stride(), *cos.stride(),
                                  *sin.stride(), BACKWARD=backward, BLOCK_H=triton.next_power_of_2(H),
-                                 BLOCK_HALF=triton.next_power_of_2(half), num_warps=4)
+                                 BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **LAUNCH_OPTIONS)
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .utils import interpreter_enabled, triton_available, use_triton
+from .utils import LAUNCH_OPTIONS, interpreter_enabled, triton_available, use_triton
 
 # GPU autotune tiles, (BLOCK_I, BLOCK_D, BLOCK_T, num_warps, num_stages). Each compiles for sm_90
 # without register spills, with and without a token mask, below 230 registers so that another ptxas
@@ -234,9 +234,9 @@ def taylor_scores_triton_(scores, x, d_gate, d_up, h, dy, w_gate, w_up, w_down, 
                 w_down.stride(0), w_down.stride(1))
         if on_gpu:
             with torch.cuda.device(x.device):
-                kernel[grid](*args, **flags, **blocks)
+                kernel[grid](*args, **flags, **blocks, **LAUNCH_OPTIONS)
         else:
-            kernel[grid](*args, **flags, **blocks)
+            kernel[grid](*args, **flags, **blocks, **LAUNCH_OPTIONS)
         block_d = kernel.best_config.kwargs["BLOCK_D"] if tuned else min_block_d
         n_rows = n_seg * triton.cdiv(D, block_d)
         # a fixed-order float32 sum over (segment, d block): deterministic

@@ -79,9 +79,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def compile_for_h100(fn, signature: dict, constexprs: dict, **options):
     """Compile the Triton kernel ``fn`` to sm_90 on this machine (no GPU needed; a GPU-only type error
-    cannot hide behind the interpreter) and return it. Skips without triton, under TRITON_INTERPRET=1
+    cannot hide behind the interpreter) and return it, with the options every launch passes
+    (LAUNCH_OPTIONS) unless ``options`` overrides them. Skips without triton, under TRITON_INTERPRET=1
     (run: python -m pytest -k compiles) or when this triton install has no CUDA toolchain."""
-    from sdmprune.kernels.utils import interpreter_enabled, triton_available
+    from sdmprune.kernels.utils import LAUNCH_OPTIONS, interpreter_enabled, triton_available
 
     if not triton_available() or interpreter_enabled():
         pytest.skip("needs triton without TRITON_INTERPRET (run: python -m pytest -k compiles)")
@@ -91,7 +92,7 @@ def compile_for_h100(fn, signature: dict, constexprs: dict, **options):
 
     src = ASTSource(fn=fn, signature=dict(signature, **{k: "constexpr" for k in constexprs}), constexprs=constexprs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={**LAUNCH_OPTIONS, **options})
     except Exception as e:  # noqa: BLE001 - a missing CUDA toolchain is not a kernel bug
         if "ptxas" in str(e) or "not found" in str(e).lower():
             pytest.skip(f"no CUDA toolchain in this triton install: {e}")
