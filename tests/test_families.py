@@ -189,6 +189,7 @@ def test_fused_kernels_on_families(model_type):
 # this package supports: (RMSNorms swapped, rotary swapped). A release that changes how a family's norms
 # or rotary are written (e.g. hub-kernel decorators) fails here instead of silently slowing users down.
 EXPECTED_LAYER_OPS = {
+    "code_llama": (5, True),  # transformers 5.0 (the floor) has it as a family of its own
     "cohere": (0, False), "cohere2": (0, False), "cwm": (5, True), "diffllama": (5, True), "doge": (9, True),
     "ernie4_5": (5, False), "exaone": (5, True), "exaone4": (9, True), "flint": (9, True), "gemma": (5, True),
     "gemma3_text": (13, True), "gemma4_unified_text": (13, False), "granite": (5, True), "granite_swa": (5, True),

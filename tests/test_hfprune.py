@@ -38,7 +38,7 @@ def official_loop_scores(model, tokens):
         p = F.softmax(logits, -1)
         (-(p * torch.log(p)).sum(-1).mean()).backward()
         for i, h in seen.items():
-            scores[i] = scores.get(i, 0) + (h.double() * h.grad.double()).abs().sum((0, 1))
+            scores[i] = scores.get(i, 0) + (h.detach().double() * h.grad.double()).abs().sum((0, 1))
     for h in hooks:
         h.remove()
     return scores
