@@ -59,6 +59,7 @@ build_random_model = random_models.build_random_model
 
 
 def worker(args) -> dict:
+    from sdmprune.compensation import gram_dtype
     from sdmprune.errors import InputError
     from sdmprune.memory import BUILTIN_SHAPES, GiB, predict_peak_memory
     from sdmprune.memory import batch_size_for_memory, memory_settings, predict_refit_memory
@@ -131,7 +132,7 @@ def worker(args) -> dict:
         out["refit_vs_scoring"] = out["refit_s"] / scoring_s
         out["refit_peak_gib"] = rf["peak_memory_bytes"] / GiB if device.type == "cuda" else None
         out["refit_predicted_gib"] = predict_refit_memory(
-            shape, args.seq_len, batch, width=width, dtype=dtype, gram_bytes=4 if device.type == "cuda" else 8,
+            shape, args.seq_len, batch, width=width, dtype=dtype, gram_bytes=gram_dtype(device).itemsize,
             samples=n)["total"] / GiB
         out["refit_held_out_loss"] = rf.get("held_out_loss")
     if args.save_keep:

@@ -501,9 +501,8 @@ def main(argv):
 
         try:
             require_extra("matplotlib", "report.py --plot")
-        except InputError as e:
-            print(f"report.py: error: {e}", file=sys.stderr)  # one line and exit 2, as the package's command line
-            sys.exit(2)
+        except InputError as e:  # one line and exit 2, as the package's command line
+            parser.exit(2, f"report.py: error: {e}\n")
         print(quality_plot(json.loads((RESULTS / "quality.json").read_text()), RESULTS / "refit.png"))
         return
     root = args.root
